@@ -1,0 +1,1 @@
+"""Every on-disk format of the pipeline lives here, and only here."""
