@@ -1,0 +1,262 @@
+"""PriMaPs-EM: class prototypes fitted over a whole dataset from static PriMaPs masks (METHOD.md §4).
+
+The E-step gives every mask the majority class of the slow momentum prototypes θ_M; the M-step trains
+the fast running prototypes θ_R on these pseudo labels with a class-weighted (focal) cross-entropy;
+θ_M follows θ_R by EMA. Everything here is a pure tensor function or an in-memory model: the fit stage
+does all file I/O.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import scipy.linalg
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from pipeline.errors import PipelineError
+
+IGNORE = 255
+"""Mask id of the background and label value of unlabelled pixels."""
+
+_COVARIANCE_CHUNK = 65536
+
+
+class Prototypes(torch.nn.Module):
+    """K class prototypes as a weight-normalised linear map without bias.
+
+    logit_k(x) = g_k · ⟨v_k / ‖v_k‖, F(x)⟩ on raw (not normalised) features; the gain g_k is learnable
+    and starts at 1, and there is no temperature.
+    """
+
+    def __init__(self, num_classes: int, dim: int) -> None:
+        super().__init__()
+        self.direction = torch.nn.Parameter(torch.randn(num_classes, dim))
+        self.gain = torch.nn.Parameter(torch.ones(num_classes))
+
+    def weight(self) -> Tensor:
+        """The effective K×C projection g_k · v_k / ‖v_k‖."""
+        return self.gain[:, None] * F.normalize(self.direction, dim=1)
+
+    def forward(self, features: Tensor) -> Tensor:
+        """B×h×w×C raw features → B×K×h×w logits at token resolution."""
+        return torch.einsum("bhwc,kc->bkhw", features, self.weight())
+
+
+def upsample_logits(logits: Tensor, size: tuple[int, int]) -> Tensor:
+    """Bilinearly resize B×K×h×w logits to the crop size; exact stand-in for upsampling features first."""
+    return F.interpolate(logits, size=tuple(size), mode="bilinear", align_corners=False)
+
+
+def pca_directions(features: np.ndarray, k: int) -> np.ndarray:
+    """Top-k principal directions (k×C unit rows) of the centred N×C features: the prototype initialisation.
+
+    Exact: the top eigenvectors of the float64 covariance, accumulated in chunks so that a large
+    feature subsample never needs a float64 copy. Sign rule: each direction's largest-magnitude
+    component is positive, so the result is deterministic.
+    """
+    n, dim = features.shape
+    if not 1 <= k <= dim:
+        raise PipelineError(f"pca_directions: asked for {k} directions of {dim}-dimensional features")
+    mean = features.mean(axis=0, dtype=np.float64)
+    scatter = np.zeros((dim, dim))
+    for start in range(0, n, _COVARIANCE_CHUNK):
+        chunk = features[start : start + _COVARIANCE_CHUNK].astype(np.float64) - mean
+        scatter += chunk.T @ chunk
+    _, vectors = scipy.linalg.eigh(scatter, subset_by_index=[dim - k, dim - 1])
+    directions = vectors[:, ::-1].T
+    largest = np.abs(directions).argmax(axis=1)
+    directions *= np.sign(directions[np.arange(k), largest])[:, None]
+    return directions.astype(np.float32)
+
+
+def spherical_kmeans(features: np.ndarray, init: np.ndarray, iterations: int = 20, seed: int = 0) -> np.ndarray:
+    """Hard cosine k-means of the N×C features started from `init` (k×C) → k×C unit centroids.
+
+    Refines the PCA initialisation (the paper's "Baseline"). faiss runs on L2-normalised features
+    and uses every given point (no internal subsampling: the caller chooses the subsample).
+    """
+    try:
+        import faiss
+    except ImportError as error:
+        raise PipelineError(
+            "spherical_kmeans: faiss is not installed; pip install 'primaps-pipeline[cpu]'"
+        ) from error
+    points = np.ascontiguousarray(_unit_rows(features))
+    centroids = np.ascontiguousarray(_unit_rows(init))
+    k, dim = centroids.shape
+    if len(points) < k:
+        raise PipelineError(f"spherical_kmeans: {len(points)} feature vectors cannot make {k} clusters")
+    if points.shape[1] != dim:
+        raise PipelineError(f"spherical_kmeans: features have {points.shape[1]} channels, init has {dim}")
+    kmeans = faiss.Kmeans(
+        dim,
+        k,
+        niter=iterations,
+        spherical=True,
+        seed=seed,
+        max_points_per_centroid=math.ceil(len(points) / k) + 1,
+        min_points_per_centroid=1,
+        verbose=False,
+    )
+    kmeans.train(points, init_centroids=centroids)
+    return _unit_rows(kmeans.centroids)
+
+
+def _unit_rows(array: np.ndarray) -> np.ndarray:
+    array = np.asarray(array, dtype=np.float32)
+    return array / np.maximum(np.linalg.norm(array, axis=1, keepdims=True), np.finfo(np.float32).tiny)
+
+
+def majority_vote(predictions: Tensor, masks: Tensor, num_classes: int, min_share: float = 0.0) -> Tensor:
+    """E-step: every mask takes the most frequent predicted class among its pixels → B×H×W uint8 pseudo labels.
+
+    Ties go to the smallest class id; background (255) stays 255. With min_share > 0 a mask whose
+    majority class covers less than that share of its pixels is left unlabelled (255); 0 is the paper.
+    """
+    if not 1 <= num_classes < IGNORE:
+        raise PipelineError(f"majority_vote: num_classes must be in 1..{IGNORE - 1}, got {num_classes}")
+    batch = predictions.shape[0]
+    mask_ids = masks.long()
+    image = torch.arange(batch, device=predictions.device).view(batch, 1, 1)
+    cell = (image * 256 + mask_ids) * num_classes + predictions.long()
+    votes = torch.bincount(cell.flatten(), minlength=batch * 256 * num_classes).view(batch, 256, num_classes)
+    top_votes, winner = votes.max(dim=2)
+    if min_share > 0:
+        winner = torch.where(top_votes < min_share * votes.sum(dim=2), IGNORE, winner)
+    winner[:, IGNORE] = IGNORE
+    return torch.gather(winner, 1, mask_ids.flatten(1)).view_as(masks).to(torch.uint8)
+
+
+def focal_class_weights(probabilities: Tensor, gamma: float = 2.0) -> Tensor:
+    """K class weights (1 − p̄_c)^γ from the batch-mean softmax probability p̄_c; detached, so not trained."""
+    return (1 - probabilities.detach().mean(dim=(0, 2, 3))) ** gamma
+
+
+def pseudo_label_loss(logits: Tensor, pseudo: Tensor, gamma: float = 2.0) -> Tensor:
+    """M-step loss: class-weighted cross-entropy of B×K×H×W logits against pseudo labels.
+
+    Weights come from the batch-mean softmax of the logits themselves (focal weighting against the
+    classes that already dominate); unlabelled pixels (255) contribute 0 but still count in the mean.
+    """
+    weights = focal_class_weights(logits.softmax(dim=1), gamma)
+    per_pixel = F.cross_entropy(logits, pseudo.long(), weight=weights, ignore_index=IGNORE, reduction="none")
+    return per_pixel.mean()
+
+
+def ema_decay(update_index: int, max_decay: float = 0.98) -> float:
+    """Decay of the k-th EMA update (k = 0 first): min(k/(k+1), max_decay), so the first update copies."""
+    return min(update_index / (update_index + 1), max_decay)
+
+
+@torch.no_grad()
+def ema_update(momentum: Prototypes, running: Prototypes, decay: float) -> None:
+    """θ_M ← decay·θ_M + (1 − decay)·θ_R, parameter by parameter (directions and gains)."""
+    for slow, fast in zip(momentum.parameters(), running.parameters()):
+        slow.mul_(decay).add_(fast, alpha=1 - decay)
+
+
+@dataclass(frozen=True)
+class EMConfig:
+    """The PriMaPs-EM hyper-parameters (paper defaults); min_share 0 is the paper's plain majority vote."""
+
+    num_classes: int
+    learning_rate: float = 5e-3
+    ema_every: int = 10
+    ema_max_decay: float = 0.98
+    gamma: float = 2.0
+    min_share: float = 0.0
+    seed: int = 0
+
+
+class PrimapsEM:
+    """One PriMaPs-EM fit: running θ_R, momentum θ_M, the Adam optimiser and the step and EMA counters.
+
+    Construction seeds torch with config.seed so that a fit is reproducible on CPU; batch order and
+    flips are the caller's draws.
+    """
+
+    def __init__(self, init_prototypes: np.ndarray, config: EMConfig, device: str | torch.device = "cpu") -> None:
+        init = torch.as_tensor(np.asarray(init_prototypes, dtype=np.float32))
+        if init.ndim != 2 or init.shape[0] != config.num_classes:
+            raise PipelineError(
+                f"PrimapsEM: initial prototypes have shape {tuple(init.shape)}, expected {config.num_classes}×C"
+            )
+        torch.manual_seed(config.seed)
+        self.config = config
+        self.device = torch.device(device)
+        self.running = self._prototypes_from(init)
+        self.momentum = self._prototypes_from(init).requires_grad_(False)
+        self.optimizer = torch.optim.Adam(self.running.parameters(), lr=config.learning_rate)
+        self.steps = 0
+        self.ema_updates = 0
+
+    def _prototypes_from(self, init: Tensor) -> Prototypes:
+        prototypes = Prototypes(*init.shape)
+        with torch.no_grad():
+            prototypes.direction.copy_(init)
+        return prototypes.to(self.device)
+
+    def step(self, clean: Tensor, student: Tensor, masks: Tensor, flip: Tensor) -> dict[str, float]:
+        """One EM step on a batch: E-step pseudo labels from θ_M on `clean`, M-step Adam update of θ_R on `student`.
+
+        `flip` (B bools, drawn by the caller) mirrors features and masks of the chosen images alike.
+        Every `ema_every` steps θ_M follows θ_R.
+        """
+        flip = flip.to(self.device).bool()
+        clean = _flip_where(clean.to(self.device, torch.float32), flip, dim=2)
+        student = _flip_where(student.to(self.device, torch.float32), flip, dim=2)
+        masks = _flip_where(masks.to(self.device), flip, dim=2)
+        size = tuple(masks.shape[-2:])
+
+        with torch.no_grad():
+            teacher = upsample_logits(self.momentum(clean), size).argmax(dim=1)
+            pseudo = majority_vote(teacher, masks, self.config.num_classes, self.config.min_share)
+
+        loss = pseudo_label_loss(upsample_logits(self.running(student), size), pseudo, self.config.gamma)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+
+        self.steps += 1
+        if self.steps % self.config.ema_every == 0:
+            ema_update(self.momentum, self.running, ema_decay(self.ema_updates, self.config.ema_max_decay))
+            self.ema_updates += 1
+        return {"loss": loss.item(), "labelled_fraction": (pseudo != IGNORE).float().mean().item()}
+
+    @torch.no_grad()
+    def predict(self, features: Tensor, size: tuple[int, int]) -> Tensor:
+        """θ_M class ids (B×H×W int64) at crop size for B×h×w×C features."""
+        logits = self.momentum(features.to(self.device, torch.float32))
+        return upsample_logits(logits, size).argmax(dim=1)
+
+    def state_dict(self) -> dict[str, Any]:
+        """A detached copy of everything a resumed fit needs to continue exactly as if uninterrupted."""
+        return copy.deepcopy(
+            {
+                "running": self.running.state_dict(),
+                "momentum": self.momentum.state_dict(),
+                "optimizer": self.optimizer.state_dict(),
+                "steps": self.steps,
+                "ema_updates": self.ema_updates,
+            }
+        )
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore a state written by state_dict()."""
+        self.running.load_state_dict(state["running"])
+        self.momentum.load_state_dict(state["momentum"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.steps = int(state["steps"])
+        self.ema_updates = int(state["ema_updates"])
+
+
+def _flip_where(tensor: Tensor, flip: Tensor, dim: int) -> Tensor:
+    """Mirror along `dim` the batch entries where `flip` is true."""
+    shape = (-1,) + (1,) * (tensor.ndim - 1)
+    return torch.where(flip.view(shape), tensor.flip(dim), tensor)
