@@ -1,0 +1,167 @@
+"""The `primaps-pipeline` command: one thin click command per stage; options mirror params.yaml."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from pipeline import __version__
+from pipeline.device import DEVICE_CHOICES
+from pipeline.errors import PipelineError
+from pipeline.params import load_section
+
+
+class _Group(click.Group):
+    """Turns a PipelineError into click's one-line `Error: ...` and exit status 1."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except PipelineError as error:
+            raise click.ClickException(str(error)) from None
+
+
+def _load_params(ctx: click.Context, parameter: click.Parameter, value: str | None) -> None:
+    """Eager callback: option defaults from `FILE[:SECTION]` (SECTION defaults to the command name)."""
+    if not value:
+        return
+    path, _, section = value.partition(":")
+    try:
+        settings = load_section(path, section or ctx.command.name)
+    except PipelineError as error:
+        raise click.BadParameter(str(error)) from None
+    known = {option.name for option in ctx.command.params}
+    unknown = sorted(set(settings) - known)
+    if unknown:
+        raise click.BadParameter(f"{path}: unknown keys for `{ctx.command.name}`: {', '.join(unknown)}")
+    ctx.default_map = {**(ctx.default_map or {}), **settings}
+
+
+params_option = click.option(
+    "--params", metavar="FILE[:SECTION]", is_eager=True, expose_value=False, callback=_load_params,
+    help="Take option defaults from a params.yaml section (default section: the command name).")
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
+@click.version_option(__version__, prog_name="primaps-pipeline")
+def main() -> None:
+    """Unsupervised semantic segmentation with PriMaPs and PriMaPs-EM, as an offline staged pipeline:
+    extract → propose → fit → evaluate (then predict, inspect, report)."""
+
+
+@main.command()
+@params_option
+@click.option("--dataset", required=True, help="Reader: folder, sample, camvid, cityscapes, cocostuff27, potsdam3.")
+@click.option("--root", type=click.Path(file_okay=False), default=None, help="Dataset root (not needed for `sample`).")
+@click.option("--split", default="train", help="Dataset split (train, val, ...).")
+@click.option("--backbone", default="dinov2_vits14_imgfocus", help="Backbone registry name.")
+@click.option("--weights", type=click.Path(dir_okay=False, exists=True), default=None,
+              help="Local official checkpoint (.pth) for DINO / DINOv2 backbones.")
+@click.option("--resolution", type=int, default=None,
+              help="Crop size R (shorter side → R, centre crop). Default: 320 for /8 and /16, 322 for /14.")
+@click.option("--views", type=int, default=0, help="Photometrically augmented views per image cached for EM.")
+@click.option("--flip-average/--no-flip-average", default=False, help="Also cache flip-averaged tokens (evaluation).")
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="Output HDF5 file.")
+@click.option("--batch-size", type=int, default=8)
+@click.option("--device", type=click.Choice(DEVICE_CHOICES), default="auto")
+@click.option("--seed", type=int, default=0, help="Seed of the augmented views.")
+@click.option("--max-images", type=int, default=None, help="Use only the first N images (quick runs).")
+@click.option("--skip-bad", is_flag=True, help="Record unreadable images as skipped instead of stopping.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing file made with other settings.")
+@click.option("--random-init", is_flag=True, hidden=True, help="Random backbone weights (tests and benchmarks).")
+def extract(**options) -> None:
+    """Cache frozen-backbone patch features of one dataset split to HDF5 (resumable)."""
+    from stages.extract import ExtractSettings, run_extract
+
+    options["out"] = Path(options["out"])
+    click.echo(run_extract(ExtractSettings(**options)).line())
+
+
+@main.command()
+@params_option
+@click.option("--features", required=True, type=click.Path(dir_okay=False), help="Feature file from `extract`.")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Mask directory (PNGs + index).")
+@click.option("--psi", type=float, default=0.4, help="Cosine threshold ψ (fraction of the maximum similarity).")
+@click.option("--center", type=click.Choice(["none", "dataset_mean"]), default="none",
+              help="Subtract the split's mean token before PCA and cosine (none = the paper's rule).")
+@click.option("--stop-fraction", type=float, default=0.95, help="Stop once this fraction of tokens is assigned.")
+@click.option("--crf/--no-crf", default=True, help="Dense-CRF refinement of the masks.")
+@click.option("--crf-iterations", type=int, default=10)
+@click.option("--workers", type=int, default=1, help="Parallel workers (processes for loky and dask).")
+@click.option("--backend", type=click.Choice(["loky", "threading", "dask"]), default="loky")
+@click.option("--scheduler", default=None, help="Dask scheduler address (tcp://host:port); with --backend dask.")
+@click.option("--timeout", type=float, default=600.0, help="Seconds one image may take before it is recorded as failed.")
+@click.option("--overwrite", is_flag=True, help="Replace masks made with other settings.")
+def propose(features, out, psi, center, stop_fraction, crf, crf_iterations, workers, backend, scheduler, timeout,
+            overwrite) -> None:
+    """Compute PriMaPs mask proposals (+ dense CRF) for every cached image, in parallel workers (resumable)."""
+    from pipeline.crf import CRFParams
+    from pipeline.primaps import PrimapsParams
+    from stages.propose import ProposeSettings, run_propose
+
+    settings = ProposeSettings(
+        features=Path(features), out=Path(out),
+        primaps=PrimapsParams(psi=psi, stop_fraction=stop_fraction, center=center),
+        crf=CRFParams(iterations=crf_iterations) if crf else None,
+        workers=workers, backend=backend, scheduler=scheduler, timeout=timeout, overwrite=overwrite)
+    summary = run_propose(settings)
+    click.echo(summary.line())
+    for record in summary.failed:
+        click.echo(f"  {record.status}: {record.name}: {record.error}", err=True)
+    if summary.failed:
+        raise PipelineError(f"{out}: {len(summary.failed)} images failed; rerun to retry them")
+
+
+@main.command()
+@params_option
+@click.option("--features", required=True, type=click.Path(dir_okay=False), help="Training feature file.")
+@click.option("--masks", required=True, type=click.Path(file_okay=False), help="Mask directory from `propose`.")
+@click.option("--classes", "-k", required=True, type=int, help="Number of prototypes K.")
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="Output model checkpoint.")
+@click.option("--baseline-out", type=click.Path(dir_okay=False), default=None,
+              help="Baseline (initialisation) checkpoint. Default: <out stem>.baseline.pt beside --out.")
+@click.option("--epochs", type=int, default=10)
+@click.option("--batch-size", type=int, default=32)
+@click.option("--learning-rate", type=float, default=5e-3)
+@click.option("--ema-every", type=int, default=10)
+@click.option("--ema-max-decay", type=float, default=0.98)
+@click.option("--gamma", type=float, default=2.0, help="Focal exponent of the class weights.")
+@click.option("--min-share", type=float, default=0.0,
+              help="Drop a mask's vote when its majority class covers less than this share (0 = the paper).")
+@click.option("--init-samples", type=int, default=200_000, help="Tokens sampled for the PCA + k-means Baseline.")
+@click.option("--kmeans-iterations", type=int, default=20)
+@click.option("--device", type=click.Choice(DEVICE_CHOICES), default="auto")
+@click.option("--seed", type=int, default=0)
+@click.option("--overwrite", is_flag=True, help="Replace a model made with other settings.")
+def fit(**options) -> None:
+    """Fit the Baseline and PriMaPs-EM prototypes from cached features and masks (resumable)."""
+    from stages.fit import FitSettings, run_fit
+
+    for key in ("features", "masks", "out", "baseline_out"):
+        options[key] = Path(options[key]) if options[key] else None
+    click.echo(run_fit(FitSettings(**options)).line())
+
+
+@main.command()
+@params_option
+@click.option("--model", required=True, type=click.Path(dir_okay=False), help="Checkpoint from `fit`.")
+@click.option("--features", required=True, type=click.Path(dir_okay=False), help="Labelled evaluation feature file.")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Report directory.")
+@click.option("--baseline", type=click.Path(dir_okay=False), default=None, help="Also score this Baseline checkpoint.")
+@click.option("--crf/--no-crf", default=False, help="Also score CRF-refined predictions.")
+@click.option("--workers", type=int, default=1, help="CRF workers.")
+@click.option("--backend", type=click.Choice(["loky", "threading", "dask"]), default="loky")
+def evaluate(model, features, out, baseline, crf, workers, backend) -> None:
+    """Dataset-level Hungarian accuracy and mIoU, with and without CRF; writes metrics.json."""
+    from stages.evaluate import EvaluateSettings, run_evaluate
+
+    summary = run_evaluate(EvaluateSettings(model=Path(model), features=Path(features), out=Path(out),
+                                            baseline=Path(baseline) if baseline else None, crf=crf,
+                                            workers=workers, backend=backend))
+    for role, variants in summary.items():
+        if isinstance(variants, dict):
+            for variant, scores in variants.items():
+                click.echo(f"evaluate: {role:<10} {variant:<6} acc {scores['pixel_accuracy']:6.2f}  "
+                           f"mIoU {scores['miou']:6.2f}")
+    click.echo(f"evaluate: reports in {out}")

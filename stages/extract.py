@@ -1,0 +1,225 @@
+"""Stage 1, `extract`: run a frozen ViT over a dataset split once and cache crops, labels and patch tokens.
+
+Everything later (masks, EM fitting, evaluation) reads this file instead of running the backbone again.
+Images are decoded and augmented in a background thread while the backbone runs on the previous batch.
+"""
+
+from __future__ import annotations
+
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from pipeline import __version__
+from pipeline.backbones import ViT, build_backbone, get_spec
+from pipeline.data import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    PhotometricAugmentation,
+    SegmentationDataset,
+    normalize_crops,
+    open_dataset,
+    photometric_view,
+    prepare_crop,
+    prepare_label,
+)
+from pipeline.device import resolve_device
+from pipeline.errors import PipelineError
+from pipeline.store.features import FeatureFileWriter, FeatureLayout
+from pipeline.store.provenance import fingerprint
+
+
+@dataclass(frozen=True)
+class ExtractSettings:
+    """Everything `extract` needs; mirrors the CLI options and the `extract` section of params.yaml."""
+
+    dataset: str
+    split: str
+    backbone: str
+    out: Path
+    root: str | None = None
+    weights: str | None = None
+    resolution: int | None = None
+    views: int = 0
+    flip_average: bool = False
+    batch_size: int = 8
+    device: str = "auto"
+    seed: int = 0
+    max_images: int | None = None
+    skip_bad: bool = False
+    overwrite: bool = False
+    random_init: bool = False
+
+
+@dataclass
+class ExtractSummary:
+    path: Path
+    images: int
+    extracted: int
+    skipped: int
+    seconds: float
+
+    def line(self) -> str:
+        rate = self.extracted / self.seconds if self.seconds > 0 else 0.0
+        return (f"extract: {self.path}: {self.images} images ({self.extracted} extracted now, "
+                f"{self.skipped} skipped) in {self.seconds:.1f} s ({rate:.2f} img/s)")
+
+
+@dataclass
+class _Batch:
+    start: int
+    crops: np.ndarray
+    labels: np.ndarray | None
+    views: np.ndarray | None
+    errors: list[str | None]
+
+
+def run_extract(settings: ExtractSettings, progress: bool = True) -> ExtractSummary:
+    """Extract (or resume extracting) the features of one dataset split into `settings.out`."""
+    started = time.perf_counter()
+    spec = get_spec(settings.backbone)
+    resolution = settings.resolution or spec.default_resolution
+    if resolution % spec.patch_size:
+        raise PipelineError(
+            f"--resolution {resolution} is not a multiple of {settings.backbone}'s patch size {spec.patch_size}")
+    dataset = open_dataset(settings.dataset, settings.root, settings.split, max_images=settings.max_images)
+    names = tuple(dataset.image_name(index) for index in range(len(dataset)))
+    model, weights_id = build_backbone(settings.backbone, settings.weights, random_init=settings.random_init)
+    augmentation = PhotometricAugmentation()
+    provenance = {
+        "stage": "extract",
+        "backbone": settings.backbone,
+        "backbone_family": spec.family,
+        "weights_sha256": weights_id,
+        "position_interpolation": spec.position_interpolation,
+        "resolution": resolution,
+        "grid": resolution // spec.patch_size,
+        "mean": list(IMAGENET_MEAN),
+        "std": list(IMAGENET_STD),
+        "dataset": settings.dataset,
+        "split": settings.split,
+        "class_names": list(dataset.class_names) if dataset.class_names else None,
+        "num_images": len(names),
+        "images": fingerprint(names),
+        "views": settings.views,
+        "augmentation": asdict(augmentation) if settings.views else None,
+        "augmentation_seed": settings.seed if settings.views else None,
+        "flip_average": settings.flip_average,
+        "package_version": __version__,
+    }
+    layout = FeatureLayout(
+        names=names,
+        resolution=resolution,
+        grid=resolution // spec.patch_size,
+        dim=spec.embed_dim,
+        views=settings.views,
+        flip_average=settings.flip_average,
+        has_labels=dataset.has_labels,
+    )
+    writer = FeatureFileWriter(settings.out, layout, provenance, overwrite=settings.overwrite)
+    if writer.already_complete:
+        return ExtractSummary(Path(settings.out), len(names), 0, 0, time.perf_counter() - started)
+    try:
+        extracted, skipped = _extract_pending(writer, dataset, model, settings, resolution, augmentation, progress)
+        writer.finish()
+    finally:
+        writer.close()
+    return ExtractSummary(Path(settings.out), len(names), extracted, skipped, time.perf_counter() - started)
+
+
+def _extract_pending(
+    writer: FeatureFileWriter,
+    dataset: SegmentationDataset,
+    model: ViT,
+    settings: ExtractSettings,
+    resolution: int,
+    augmentation: PhotometricAugmentation,
+    progress: bool,
+) -> tuple[int, int]:
+    """Run the backbone over every batch not yet flagged done. Batch boundaries are fixed multiples of
+    the batch size, so a resumed run computes exactly what an uninterrupted run would have."""
+    done = writer.done_flags()
+    size = settings.batch_size
+    starts = [start for start in range(0, len(done), size) if not done[start:start + size].all()]
+    device = resolve_device(settings.device)
+    model = model.to(device)
+    extracted = skipped = 0
+    bar = tqdm(total=len(done), initial=len(done) - sum(min(size, len(done) - s) for s in starts),
+               unit="img", desc=f"extract {settings.split}", disable=not progress, dynamic_ncols=True)
+    with bar:
+        for batch in _prefetch(dataset, starts, size, resolution, settings, augmentation):
+            clean, flip_average, views = _encode(model, batch, device, settings.flip_average)
+            writer.write_batch(batch.start, batch.crops, clean, labels=batch.labels, flip_average=flip_average,
+                               view_features=views, skipped=batch.errors)
+            extracted += len(batch.crops)
+            skipped += sum(error is not None for error in batch.errors)
+            bar.update(len(batch.crops))
+    return extracted, skipped
+
+
+def _prefetch(dataset: SegmentationDataset, starts: list[int], size: int, resolution: int,
+              settings: ExtractSettings, augmentation: PhotometricAugmentation) -> Iterator[_Batch]:
+    """Yield decoded batches while the next one is being decoded in a background thread."""
+    if not starts:
+        return
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="decode") as pool:
+        pending = pool.submit(_load_batch, dataset, starts[0], size, resolution, settings, augmentation)
+        for following in starts[1:] + [None]:
+            batch = pending.result()
+            if following is not None:
+                pending = pool.submit(_load_batch, dataset, following, size, resolution, settings, augmentation)
+            yield batch
+
+
+def _load_batch(dataset: SegmentationDataset, start: int, size: int, resolution: int,
+                settings: ExtractSettings, augmentation: PhotometricAugmentation) -> _Batch:
+    indices = range(start, min(start + size, len(dataset)))
+    crops = np.zeros((len(indices), resolution, resolution, 3), np.uint8)
+    labels = np.full((len(indices), resolution, resolution), 255, np.uint8) if dataset.has_labels else None
+    views = np.zeros((len(indices), settings.views, resolution, resolution, 3), np.uint8) if settings.views else None
+    errors: list[str | None] = []
+    for row, index in enumerate(indices):
+        try:
+            crops[row] = prepare_crop(dataset.load_image(index), resolution)
+            if labels is not None:
+                labels[row] = prepare_label(dataset.load_label(index), resolution)
+        except PipelineError as error:
+            if not settings.skip_bad:
+                raise
+            errors.append(str(error))
+            continue
+        errors.append(None)
+        for view in range(settings.views):
+            rng = np.random.default_rng([settings.seed, index, view])
+            views[row, view] = photometric_view(crops[row], rng, augmentation)
+    return _Batch(start, crops, labels, views, errors)
+
+
+@torch.inference_mode()
+def _encode(model: ViT, batch: _Batch, device: torch.device,
+            flip_average: bool) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
+    """Tokens of the clean crops, optionally their flip average, and of every augmented view."""
+    clean = _forward(model, batch.crops, device)
+    averaged = None
+    if flip_average:
+        mirrored = _forward(model, np.ascontiguousarray(batch.crops[:, :, ::-1]), device)
+        averaged = (clean + mirrored[:, :, ::-1]) / 2
+    views = None
+    if batch.views is not None:
+        count, view_count = batch.views.shape[:2]
+        flat = batch.views.reshape(count * view_count, *batch.views.shape[2:])
+        views = _forward(model, flat, device).reshape(count, view_count, *clean.shape[1:])
+    return clean, averaged, views
+
+
+def _forward(model: ViT, crops: np.ndarray, device: torch.device) -> np.ndarray:
+    images = normalize_crops(crops).to(device, non_blocking=True)
+    with torch.autocast(device.type, dtype=torch.float16, enabled=device.type == "cuda"):
+        tokens = model(images)
+    return tokens.float().cpu().numpy()
