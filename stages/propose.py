@@ -1,0 +1,190 @@
+"""Stage 2, `propose`: PriMaPs mask proposals with dense-CRF refinement for every cached image.
+
+Each task opens the feature file itself (once per worker process), computes one image's mask map and writes
+its PNG atomically; only a small record travels back. A finished PNG is never recomputed, so an
+interrupted run resumes; a failed or timed-out image is recorded, reported, and retried on the next run.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+from threadpoolctl import threadpool_limits
+from tqdm import tqdm
+
+from pipeline import __version__
+from pipeline.crf import CRFParams
+from pipeline.errors import PipelineError
+from pipeline.parallel import parallel_unordered
+from pipeline.primaps import PrimapsParams, proposal_map
+from pipeline.store import masks as mask_store
+from pipeline.store.features import FeatureFile
+from pipeline.store.masks import MaskRecord
+
+
+@dataclass(frozen=True)
+class ProposeSettings:
+    """Everything `propose` needs; mirrors the CLI options and the `propose` section of params.yaml."""
+
+    features: Path
+    out: Path
+    primaps: PrimapsParams = PrimapsParams()
+    crf: CRFParams | None = CRFParams()
+    workers: int = 1
+    backend: str = "loky"
+    scheduler: str | None = None
+    timeout: float = 600.0
+    overwrite: bool = False
+
+
+@dataclass
+class ProposeSummary:
+    images: int
+    computed: int
+    failed: list[MaskRecord]
+    masks_per_image: float
+    coverage: float
+    seconds: float
+
+    def line(self) -> str:
+        return (f"propose: {self.images} images ({self.computed} computed now), {self.masks_per_image:.2f} masks/image, "
+                f"coverage {100 * self.coverage:.1f}%, {len(self.failed)} failed, {self.seconds:.1f} s")
+
+
+def run_propose(settings: ProposeSettings, progress: bool = True) -> ProposeSummary:
+    """Compute (or finish computing) the masks of every image in the feature file."""
+    started = time.perf_counter()
+    with FeatureFile(settings.features) as features:
+        names = [features.names[index] for index in features.valid_indices()]
+        indices = [int(index) for index in features.valid_indices()]
+        center = dataset_mean_token(features) if settings.primaps.center == "dataset_mean" else None
+        provenance = {
+            "stage": "propose",
+            "features": features.provenance,
+            "primaps": asdict(settings.primaps),
+            "crf": asdict(settings.crf) if settings.crf else None,
+            "package_version": __version__,
+        }
+    mask_store.claim_directory(settings.out, provenance, settings.overwrite)
+    records = mask_store.read_index(settings.out)
+    pending = [(index, name) for index, name in zip(indices, names) if not mask_store.has_mask(settings.out, name)]
+    tasks = [(str(settings.features), index, name, str(settings.out), settings.primaps, settings.crf, center,
+              settings.timeout) for index, name in pending]
+    appender = mask_store.IndexAppender(settings.out)
+    bar = tqdm(total=len(names), initial=len(names) - len(pending), unit="img", desc="propose",
+               disable=not progress, dynamic_ncols=True)
+    try:
+        with bar:
+            for record in _run_tasks(tasks, settings):
+                records[record.name] = record
+                appender.append(record)
+                bar.update()
+    finally:
+        appender.close()
+    ordered = [_record_for(settings.out, name, records) for name in names]
+    mask_store.write_index(settings.out, ordered)
+    finished = [record for record in ordered if record.status == "ok"]
+    return ProposeSummary(
+        images=len(names),
+        computed=len(pending),
+        failed=[record for record in ordered if record.status != "ok"],
+        masks_per_image=float(np.mean([record.masks for record in finished])) if finished else 0.0,
+        coverage=float(np.mean([record.coverage for record in finished])) if finished else 0.0,
+        seconds=time.perf_counter() - started,
+    )
+
+
+def dataset_mean_token(features: FeatureFile) -> np.ndarray:
+    """Mean raw token over the whole split (float64, C): the shared direction that dominates raw cosines."""
+    total = np.zeros(features.dim, np.float64)
+    count = 0
+    for index in features.valid_indices():
+        tokens = features.features(int(index)).astype(np.float64)
+        total += tokens.reshape(-1, features.dim).sum(axis=0)
+        count += tokens.shape[0] * tokens.shape[1]
+    return total / max(count, 1)
+
+
+def _run_tasks(tasks: list[tuple], settings: ProposeSettings):
+    """Yield one record per task; a pool-level timeout marks every unfinished image instead of hanging."""
+    finished: set[str] = set()
+    try:
+        for record in parallel_unordered(_propose_one, tasks, settings.workers, settings.backend, settings.scheduler,
+                                         timeout=2 * settings.timeout if settings.backend != "threading" else None):
+            finished.add(record.name)
+            yield record
+    except TimeoutError:
+        for task in tasks:
+            if task[2] not in finished:
+                yield MaskRecord(task[2], "timeout", error=f"no result within {2 * settings.timeout:.0f} s")
+
+
+def _record_for(directory: Path, name: str, records: dict[str, MaskRecord]) -> MaskRecord:
+    """The index record of `name`, rebuilt from its PNG when a killed run wrote the PNG but not the record."""
+    record = records.get(name)
+    if mask_store.has_mask(directory, name) and (record is None or record.status != "ok"):
+        return MaskRecord.from_map(name, mask_store.read_mask(directory, name), record.seconds if record else 0.0)
+    return record or MaskRecord(name, "failed", error="not computed")
+
+
+_OPEN_FILES: dict[tuple[int, str], FeatureFile] = {}
+_OPEN_LOCK = threading.Lock()
+
+
+def _feature_file(path: str) -> FeatureFile:
+    """This process's own handle on the feature file (HDF5 handles must not cross a fork)."""
+    key = (os.getpid(), path)
+    with _OPEN_LOCK:
+        if key not in _OPEN_FILES:
+            _OPEN_FILES[key] = FeatureFile(path)
+        return _OPEN_FILES[key]
+
+
+class _ImageTimeout(Exception):
+    pass
+
+
+def _propose_one(features_path: str, index: int, name: str, out: str, params: PrimapsParams,
+                 crf: CRFParams | None, center: np.ndarray | None, timeout: float) -> MaskRecord:
+    """One image: features + crop → mask map → PNG. Errors become a record, never an exception."""
+    started = time.perf_counter()
+    try:
+        with _alarm(timeout), threadpool_limits(1):
+            features = _feature_file(features_path)
+            mask_map = proposal_map(features.features(index), features.crop(index), params, crf, center)
+            mask_store.write_mask(out, name, mask_map)
+    except _ImageTimeout:
+        return MaskRecord(name, "timeout", seconds=round(time.perf_counter() - started, 4),
+                          error=f"exceeded {timeout:.0f} s")
+    except Exception as error:  # a worker reports every failure as data so the pool keeps going
+        return MaskRecord(name, "failed", seconds=round(time.perf_counter() - started, 4),
+                          error=f"{error.__class__.__name__}: {error}")
+    return MaskRecord.from_map(name, mask_map, time.perf_counter() - started)
+
+
+class _alarm:
+    """A per-image time limit where the platform allows it (the main thread of a worker process)."""
+
+    def __init__(self, seconds: float):
+        self.seconds = seconds
+        self.armed = threading.current_thread() is threading.main_thread() and hasattr(signal, "setitimer")
+
+    def __enter__(self) -> None:
+        if self.armed:
+            self.previous = signal.signal(signal.SIGALRM, self._expire)
+            signal.setitimer(signal.ITIMER_REAL, self.seconds)
+
+    def __exit__(self, *exc_info: object) -> None:
+        if self.armed:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            signal.signal(signal.SIGALRM, self.previous)
+
+    @staticmethod
+    def _expire(signum: int, frame: object) -> None:
+        raise _ImageTimeout()
