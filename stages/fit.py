@@ -1,0 +1,229 @@
+"""Stage 3, `fit`: the Baseline initialisation and PriMaPs-EM prototype fitting, from the caches alone.
+
+The backbone never runs here: clean and augmented-view tokens come from the feature file, masks from the
+mask store. Batches stream from HDF5 (a background thread reads the next one), so memory stays bounded by a
+batch. A checkpoint is written after every epoch; a rerun continues from it and ends exactly where an
+uninterrupted run would (per-epoch seeded shuffles and flips, saved optimiser state).
+"""
+
+from __future__ import annotations
+
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from pipeline import __version__
+from pipeline.device import resolve_device
+from pipeline.em import EMConfig, PrimapsEM, pca_directions, spherical_kmeans
+from pipeline.errors import PipelineError
+from pipeline.store import masks as mask_store
+from pipeline.store.checkpoints import load_checkpoint, save_checkpoint
+from pipeline.store.features import FeatureFile
+from pipeline.store.provenance import differences
+
+
+@dataclass(frozen=True)
+class FitSettings:
+    """Everything `fit` needs; mirrors the CLI options and the `fit` section of params.yaml."""
+
+    features: Path
+    masks: Path
+    classes: int
+    out: Path
+    baseline_out: Path | None = None
+    epochs: int = 10
+    batch_size: int = 32
+    learning_rate: float = 5e-3
+    ema_every: int = 10
+    ema_max_decay: float = 0.98
+    gamma: float = 2.0
+    min_share: float = 0.0
+    init_samples: int = 200_000
+    kmeans_iterations: int = 20
+    device: str = "auto"
+    seed: int = 0
+    overwrite: bool = False
+
+    def recipe(self) -> dict[str, Any]:
+        """The settings that change the result (paths, device and overwrite do not)."""
+        recipe = asdict(self)
+        for key in ("features", "masks", "out", "baseline_out", "device", "overwrite"):
+            recipe.pop(key)
+        return recipe
+
+    def init_recipe(self) -> dict[str, Any]:
+        return {key: getattr(self, key) for key in ("classes", "init_samples", "kmeans_iterations", "seed")}
+
+
+@dataclass
+class FitSummary:
+    path: Path
+    epochs_run: int
+    final_loss: float
+    labelled_fraction: float
+    seconds: float
+
+    def line(self) -> str:
+        return (f"fit: {self.path}: {self.epochs_run} epochs run now, last loss {self.final_loss:.4f}, "
+                f"{100 * self.labelled_fraction:.1f}% pixels pseudo-labelled, {self.seconds:.1f} s")
+
+
+def baseline_path(settings: FitSettings) -> Path:
+    return settings.baseline_out or settings.out.with_name(settings.out.stem + ".baseline.pt")
+
+
+def run_fit(settings: FitSettings, progress: bool = True, stop_after_epochs: int | None = None) -> FitSummary:
+    """Fit (or resume fitting) PriMaPs-EM; writes the Baseline checkpoint and then the EM model.
+
+    `stop_after_epochs` ends the run early leaving a resumable partial checkpoint (used to test resuming).
+    """
+    started = time.perf_counter()
+    if settings.classes < 2:
+        raise PipelineError(f"--classes {settings.classes}: need at least 2 classes")
+    with FeatureFile(settings.features) as features:
+        _require_masks_from(features, settings.masks)
+        provenance = {"features": features.provenance, "masks": mask_store.read_provenance(settings.masks),
+                      "package_version": __version__}
+        partial = settings.out.with_name(settings.out.name + ".partial")
+        existing = _existing_run(settings, partial, provenance)
+        if existing is not None and existing.get("complete"):
+            return FitSummary(settings.out, 0, existing["history"][-1]["loss"],
+                              existing["history"][-1]["labelled_fraction"], time.perf_counter() - started)
+        init = _baseline(settings, features, provenance)
+        device = resolve_device(settings.device)
+        config = EMConfig(num_classes=settings.classes, learning_rate=settings.learning_rate,
+                          ema_every=settings.ema_every, ema_max_decay=settings.ema_max_decay, gamma=settings.gamma,
+                          min_share=settings.min_share, seed=settings.seed)
+        em = PrimapsEM(init, config, device)
+        history: list[dict[str, float]] = []
+        if existing is not None:
+            em.load_state_dict(existing["em"])
+            history = list(existing["history"])
+        last_epoch = settings.epochs if stop_after_epochs is None else min(settings.epochs, len(history) + stop_after_epochs)
+        for epoch in range(len(history), last_epoch):
+            history.append(_run_epoch(em, features, settings, epoch, progress))
+            _save(partial, settings, provenance, init, em, history, complete=False)
+    epochs_run = last_epoch - (len(existing["history"]) if existing else 0)
+    if len(history) == settings.epochs:
+        _save(settings.out, settings, provenance, init, em, history, complete=True)
+        partial.unlink(missing_ok=True)
+    last = history[-1] if history else {"loss": float("nan"), "labelled_fraction": 0.0}
+    return FitSummary(settings.out, epochs_run, last["loss"], last["labelled_fraction"], time.perf_counter() - started)
+
+
+def _require_masks_from(features: FeatureFile, masks: Path) -> None:
+    made_from = mask_store.read_provenance(masks)["features"]
+    changed = differences(made_from, features.provenance)
+    if changed:
+        raise PipelineError(f"{masks}: masks were made from other features than {features.path}: {'; '.join(changed[:3])}")
+
+
+def _existing_run(settings: FitSettings, partial: Path, provenance: dict[str, Any]) -> dict[str, Any] | None:
+    """A finished model or resumable partial made with the same recipe and inputs; refuse anything else."""
+    for path in (settings.out, partial):
+        if not path.exists():
+            continue
+        if settings.overwrite:
+            path.unlink()
+            continue
+        checkpoint = load_checkpoint(path)
+        changed = differences(checkpoint["recipe"], settings.recipe()) + differences(checkpoint["provenance"], provenance)
+        if changed:
+            raise PipelineError(f"{path}: made with different settings: {'; '.join(changed[:3])}; "
+                                "rerun with --overwrite to replace it")
+        return checkpoint
+    return None
+
+
+def _baseline(settings: FitSettings, features: FeatureFile, provenance: dict[str, Any]) -> np.ndarray:
+    """PCA of a seeded token subsample → spherical k-means: the paper's Baseline, saved as its own model."""
+    path = baseline_path(settings)
+    if path.exists() and not settings.overwrite:
+        checkpoint = load_checkpoint(path)
+        if not differences(checkpoint["recipe"], settings.init_recipe()) and not differences(checkpoint["provenance"], provenance):
+            return checkpoint["init"].numpy()
+    sample = sample_tokens(features, settings.init_samples, settings.seed)
+    init = spherical_kmeans(sample, pca_directions(sample, settings.classes), settings.kmeans_iterations, settings.seed)
+    init_tensor = torch.as_tensor(init, dtype=torch.float32)
+    prototypes = {"direction": init_tensor, "gain": torch.ones(settings.classes)}
+    save_checkpoint(path, {
+        "kind": "baseline", "complete": True, "recipe": settings.init_recipe(), "provenance": provenance,
+        "features_provenance": features.provenance, "init": init_tensor, "momentum": prototypes,
+        "running": prototypes, "history": [],
+    })
+    return init
+
+
+def sample_tokens(features: FeatureFile, count: int, seed: int) -> np.ndarray:
+    """About `count` clean tokens (float32 N×C) drawn evenly from every image of the split, seeded."""
+    indices = features.valid_indices()
+    rng = np.random.default_rng(seed)
+    tokens_per_image = features.grid * features.grid
+    take = min(tokens_per_image, max(1, -(-count // max(len(indices), 1))))
+    rows = []
+    for index in indices:
+        tokens = features.features(int(index)).reshape(tokens_per_image, features.dim)
+        rows.append(tokens[np.sort(rng.choice(tokens_per_image, take, replace=False))].astype(np.float32))
+    return np.concatenate(rows)
+
+
+def _run_epoch(em: PrimapsEM, features: FeatureFile, settings: FitSettings, epoch: int, progress: bool) -> dict[str, float]:
+    order = np.random.default_rng([settings.seed, epoch]).permutation(features.valid_indices())
+    batches = [order[start:start + settings.batch_size] for start in range(0, len(order), settings.batch_size)]
+    losses, labelled = [], []
+    bar = tqdm(total=len(batches), desc=f"fit epoch {epoch + 1}/{settings.epochs}", unit="batch",
+               disable=not progress, dynamic_ncols=True, leave=False)
+    with bar:
+        for clean, student, masks, flip in _prefetch(features, settings, epoch, batches):
+            stats = em.step(clean, student, masks, flip)
+            losses.append(stats["loss"])
+            labelled.append(stats["labelled_fraction"])
+            bar.set_postfix(loss=f"{stats['loss']:.4f}", labelled=f"{stats['labelled_fraction']:.2f}")
+            bar.update()
+    return {"epoch": epoch + 1, "loss": float(np.mean(losses)), "labelled_fraction": float(np.mean(labelled))}
+
+
+def _prefetch(features: FeatureFile, settings: FitSettings, epoch: int,
+              batches: list[np.ndarray]) -> Iterator[tuple[torch.Tensor, ...]]:
+    """Read batch i+1 from HDF5 in a background thread while batch i trains."""
+    rng = np.random.default_rng([settings.seed, epoch, 1])
+    draws = [(rng.integers(0, max(features.views, 1), len(batch)), rng.random(len(batch)) < 0.5) for batch in batches]
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="fit-read") as pool:
+        pending = None
+        for position in range(len(batches) + 1):
+            following = None
+            if position < len(batches):
+                following = pool.submit(_read_batch, features, settings.masks, batches[position], *draws[position])
+            if pending is not None:
+                yield pending.result()
+            pending = following
+
+
+def _read_batch(features: FeatureFile, masks: Path, batch: np.ndarray, views: np.ndarray,
+                flips: np.ndarray) -> tuple[torch.Tensor, ...]:
+    clean = np.stack([features.features(int(index)) for index in batch]).astype(np.float32)
+    if features.views:
+        student = np.stack([features.view_features(int(index), int(view))
+                            for index, view in zip(batch, views)]).astype(np.float32)
+    else:
+        student = clean
+    mask_maps = np.stack([mask_store.read_mask(masks, features.names[int(index)]) for index in batch])
+    return torch.from_numpy(clean), torch.from_numpy(student), torch.from_numpy(mask_maps), torch.from_numpy(flips)
+
+
+def _save(path: Path, settings: FitSettings, provenance: dict[str, Any], init: np.ndarray, em: PrimapsEM,
+          history: list[dict[str, float]], complete: bool) -> None:
+    state = em.state_dict()
+    save_checkpoint(path, {
+        "kind": "primaps-em", "complete": complete, "recipe": settings.recipe(), "provenance": provenance,
+        "features_provenance": provenance["features"], "init": torch.as_tensor(init, dtype=torch.float32),
+        "momentum": {key: value.cpu() for key, value in state["momentum"].items()},
+        "running": {key: value.cpu() for key, value in state["running"].items()},
+        "em": state, "history": history,
+    })

@@ -1,0 +1,95 @@
+"""Stage 3 and evaluation end to end on real cached features and masks."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline.errors import PipelineError
+from pipeline.store.checkpoints import load_checkpoint
+from stages.evaluate import EvaluateSettings, load_prototypes, run_evaluate
+from stages.extract import ExtractSettings, run_extract
+from stages.fit import FitSettings, baseline_path, run_fit
+
+
+def fit_settings(features: Path, masks: Path, out: Path, **changes) -> FitSettings:
+    return replace(FitSettings(features=features, masks=masks, classes=11, out=out, epochs=3, batch_size=4,
+                               init_samples=2000, kmeans_iterations=10), **changes)
+
+
+def test_fit_writes_baseline_and_model(camvid_features, camvid_masks, tmp_path):
+    settings = fit_settings(camvid_features, camvid_masks, tmp_path / "model.pt")
+    summary = run_fit(settings, progress=False)
+    assert summary.epochs_run == 3 and np.isfinite(summary.final_loss) and 0 < summary.labelled_fraction <= 1
+    model, baseline = load_checkpoint(settings.out), load_checkpoint(baseline_path(settings))
+    assert model["kind"] == "primaps-em" and model["complete"] and len(model["history"]) == 3
+    assert baseline["kind"] == "baseline"
+    assert torch.equal(model["init"], baseline["init"])
+    assert not torch.equal(model["momentum"]["direction"], baseline["momentum"]["direction"])
+    assert model["features_provenance"]["backbone"] == "dinov2_vits14_imgfocus"
+    assert not settings.out.with_name("model.pt.partial").exists()
+    assert run_fit(settings, progress=False).epochs_run == 0
+
+
+def test_resumed_fit_equals_uninterrupted(camvid_features, camvid_masks, tmp_path):
+    whole = fit_settings(camvid_features, camvid_masks, tmp_path / "whole.pt")
+    run_fit(whole, progress=False)
+    interrupted = replace(whole, out=tmp_path / "resumed.pt", baseline_out=tmp_path / "resumed.baseline.pt")
+    first = run_fit(interrupted, progress=False, stop_after_epochs=1)
+    assert first.epochs_run == 1 and not interrupted.out.exists()
+    assert run_fit(interrupted, progress=False).epochs_run == 2
+    expected, resumed = load_checkpoint(whole.out), load_checkpoint(interrupted.out)
+    for role in ("momentum", "running"):
+        for key in expected[role]:
+            assert torch.equal(expected[role][key], resumed[role][key]), (role, key)
+    assert expected["history"] == resumed["history"]
+
+
+def other_backbone_features(camvid: Path, out: Path) -> Path:
+    """The same CamVid images through a (randomly initialised) DINO ViT-S/16: other provenance."""
+    run_extract(ExtractSettings(dataset="camvid", root=str(camvid), split="val", backbone="dino_vits16", out=out,
+                                resolution=224, max_images=16, random_init=True, flip_average=True), progress=False)
+    return out
+
+
+def test_fit_refuses_other_settings_and_foreign_masks(camvid, camvid_features, camvid_masks, tmp_path):
+    settings = fit_settings(camvid_features, camvid_masks, tmp_path / "model.pt", epochs=1)
+    run_fit(settings, progress=False)
+    with pytest.raises(PipelineError, match=r"model\.pt: made with different settings: .*learning_rate"):
+        run_fit(replace(settings, learning_rate=1e-3), progress=False)
+    other = other_backbone_features(camvid, tmp_path / "other.h5")
+    with pytest.raises(PipelineError, match=r"camvid_val: masks were made from other features than .*other\.h5"):
+        run_fit(replace(settings, features=other, out=tmp_path / "other.pt"), progress=False)
+    with pytest.raises(PipelineError, match=r"other\.h5: features do not match model .*model\.pt: backbone"):
+        run_evaluate(EvaluateSettings(model=settings.out, features=other, out=tmp_path / "report"), progress=False)
+
+
+def test_evaluate_scores_model_and_baseline(camvid_features, camvid_masks, tmp_path):
+    settings = fit_settings(camvid_features, camvid_masks, tmp_path / "model.pt")
+    run_fit(settings, progress=False)
+    summary = run_evaluate(EvaluateSettings(model=settings.out, baseline=baseline_path(settings),
+                                            features=camvid_features, out=tmp_path / "report", crf=True), progress=False)
+    for role in ("baseline", "primaps_em"):
+        for variant in ("no_crf", "crf"):
+            scores = summary[role][variant]
+            assert 0 < scores["miou"] <= scores["pixel_accuracy"] <= 100
+    written = json.loads((tmp_path / "report" / "metrics.json").read_text())
+    assert written["primaps_em"]["no_crf"] == summary["primaps_em"]["no_crf"]
+    table = (tmp_path / "report" / "per_class.md").read_text()
+    assert "| sky |" in table and "bicyclist" in table
+    assert (tmp_path / "report" / "confusion.png").stat().st_size > 1000
+
+
+def test_evaluation_predictions_match_the_fitted_momentum_prototypes(camvid_features, camvid_masks, tmp_path):
+    settings = fit_settings(camvid_features, camvid_masks, tmp_path / "model.pt", epochs=1)
+    run_fit(settings, progress=False)
+    checkpoint = load_checkpoint(settings.out)
+    prototypes = load_prototypes(checkpoint)
+    weight = checkpoint["momentum"]["gain"][:, None] * torch.nn.functional.normalize(checkpoint["momentum"]["direction"], dim=1)
+    tokens = torch.randn(2, 16, 16, 384)
+    assert torch.allclose(prototypes(tokens), torch.einsum("bhwc,kc->bkhw", tokens, weight), atol=1e-5)
