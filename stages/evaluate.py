@@ -20,13 +20,12 @@ from tqdm import tqdm
 
 from pipeline.crf import CRFParams, dense_crf
 from pipeline.em import Prototypes, upsample_logits
-from pipeline.errors import PipelineError
 from pipeline.metrics import SegmentationEvaluator, confusion_matrix
 from pipeline.parallel import parallel_unordered
 from pipeline.store.atomic import write_json_atomic, write_text_atomic
 from pipeline.store.checkpoints import load_checkpoint, require_matching_features
 from pipeline.store.features import FeatureFile
-from pipeline.viz import save_confusion_figure
+from pipeline.viz import save_cluster_share_figure, save_confusion_figure
 
 
 @dataclass(frozen=True)
@@ -53,40 +52,69 @@ def load_prototypes(checkpoint: dict[str, Any]) -> Prototypes:
 
 
 def run_evaluate(settings: EvaluateSettings, progress: bool = True) -> dict[str, Any]:
-    """Score the model (and the Baseline, when given) with and without CRF; write the reports."""
+    """Score the model (and the Baseline, when given) with and without CRF; write the reports.
+
+    An unlabelled split gets no accuracy, only how the pixels spread over the clusters (which still
+    shows a collapsed fit), so a pipeline over plain photos runs end to end.
+    """
     started = time.perf_counter()
     models = {"primaps_em": settings.model}
     if settings.baseline is not None:
         models = {"baseline": settings.baseline, **models}
     with FeatureFile(settings.features) as features:
-        if not features.has_labels:
-            raise PipelineError(f"{settings.features}: has no labels; evaluation needs a labelled split")
-        class_names = features.provenance["class_names"]
+        class_names = features.provenance.get("class_names") if features.has_labels else None
         results: dict[str, Any] = {}
         for role, path in models.items():
             checkpoint = load_checkpoint(path)
             require_matching_features(path, checkpoint, settings.features, features.provenance)
             prototypes = load_prototypes(checkpoint)
-            scores = {"model": str(path), "kind": checkpoint["kind"],
-                      "no_crf": _score(prototypes, features, class_names, settings, progress).evaluate()}
-            if settings.crf:
-                scores["crf"] = _score_crf(prototypes, features, class_names, settings, progress).evaluate()
+            evaluator, usage = _score(prototypes, features, class_names, settings, progress)
+            scores: dict[str, Any] = {"model": str(path), "kind": checkpoint["kind"],
+                                      "cluster_share": (usage / max(usage.sum(), 1)).round(4).tolist()}
+            if evaluator is not None:
+                scores["no_crf"] = evaluator.evaluate()
+                if settings.crf:
+                    scores["crf"] = _score_crf(prototypes, features, class_names, settings, progress).evaluate()
             results[role] = scores
-    settings.out.mkdir(parents=True, exist_ok=True)
-    summary = {role: {variant: _headline(scores[variant]) for variant in ("no_crf", "crf") if variant in scores}
-               for role, scores in results.items()}
-    write_json_atomic(settings.out / "metrics.json", summary)
-    write_json_atomic(settings.out / "details.json", results)
-    write_text_atomic(settings.out / "per_class.md", _per_class_table(results, class_names))
-    final = results["primaps_em"].get("crf", results["primaps_em"]["no_crf"])
-    save_confusion_figure(settings.out / "confusion.png", np.array(final["confusion"]), class_names)
+    _write_reports(settings.out, results, class_names, settings.features)
+    summary = _summary(results, labelled=class_names is not None)
     summary["seconds"] = round(time.perf_counter() - started, 1)
     return summary
 
 
-def _score(prototypes: Prototypes, features: FeatureFile, class_names: list[str], settings: EvaluateSettings,
-           progress: bool) -> SegmentationEvaluator:
-    evaluator = SegmentationEvaluator(len(class_names), prototypes.direction.shape[0], class_names)
+def _summary(results: dict[str, Any], labelled: bool) -> dict[str, Any]:
+    """The headline numbers that go to metrics.json (what `dvc metrics show` prints)."""
+    summary: dict[str, Any] = {"labelled": labelled}
+    for role, scores in results.items():
+        share = np.array(scores["cluster_share"])
+        summary[role] = {"clusters_used": int((share >= 0.001).sum()), "largest_cluster_share": float(share.max())}
+        for variant in ("no_crf", "crf"):
+            if variant in scores:
+                summary[role][variant] = {"pixel_accuracy": round(scores[variant]["pixel_accuracy"], 2),
+                                          "miou": round(scores[variant]["miou"], 2)}
+    return summary
+
+
+def _write_reports(out: Path, results: dict[str, Any], class_names: list[str] | None, features: Path) -> None:
+    figures = out / "figures"
+    figures.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(out / "metrics.json", _summary(results, labelled=class_names is not None))
+    write_json_atomic(out / "details.json", results)
+    save_cluster_share_figure(figures / "clusters.png", {role: scores["cluster_share"] for role, scores in results.items()})
+    if class_names is None:
+        write_text_atomic(out / "per_class.md", f"No labels in {features}: no accuracy or IoU, see figures/clusters.png.\n")
+        return
+    write_text_atomic(out / "per_class.md", _per_class_table(results, class_names))
+    final = results["primaps_em"].get("crf", results["primaps_em"]["no_crf"])
+    save_confusion_figure(figures / "confusion.png", np.array(final["confusion"]), class_names)
+
+
+def _score(prototypes: Prototypes, features: FeatureFile, class_names: list[str] | None, settings: EvaluateSettings,
+           progress: bool) -> tuple[SegmentationEvaluator | None, np.ndarray]:
+    """θ_M argmax at crop size over the split: the evaluator (when labelled) and pixels per cluster."""
+    clusters = prototypes.direction.shape[0]
+    evaluator = SegmentationEvaluator(len(class_names), clusters, class_names) if class_names else None
+    usage = np.zeros(clusters, np.int64)
     indices = features.valid_indices()
     size = (features.resolution, features.resolution)
     for start in tqdm(range(0, len(indices), settings.batch_size), desc="evaluate", unit="batch",
@@ -95,8 +123,10 @@ def _score(prototypes: Prototypes, features: FeatureFile, class_names: list[str]
         tokens = torch.from_numpy(np.stack([features.flip_average_features(int(i)) for i in batch]).astype(np.float32))
         with torch.no_grad():
             predictions = upsample_logits(prototypes(tokens), size).argmax(dim=1).numpy()
-        evaluator.process(predictions, np.stack([features.label(int(i)) for i in batch]))
-    return evaluator
+        usage += np.bincount(predictions.ravel(), minlength=clusters)
+        if evaluator is not None:
+            evaluator.process(predictions, np.stack([features.label(int(i)) for i in batch]))
+    return evaluator, usage
 
 
 def _score_crf(prototypes: Prototypes, features: FeatureFile, class_names: list[str], settings: EvaluateSettings,
@@ -120,10 +150,6 @@ def _crf_confusion(features_path: str, index: int, weight: np.ndarray, crf: CRFP
         log_probs = torch.log_softmax(upsample_logits(logits, size), dim=1)[0].numpy()
         refined = dense_crf(features.crop(index), log_probs, crf).argmax(axis=0)
         return confusion_matrix(refined, features.label(index), weight.shape[0], num_classes)
-
-
-def _headline(scores: dict[str, Any]) -> dict[str, float]:
-    return {"pixel_accuracy": round(scores["pixel_accuracy"], 2), "miou": round(scores["miou"], 2)}
 
 
 def _per_class_table(results: dict[str, Any], class_names: list[str]) -> str:

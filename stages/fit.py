@@ -23,6 +23,7 @@ from pipeline.device import resolve_device
 from pipeline.em import EMConfig, PrimapsEM, pca_directions, spherical_kmeans
 from pipeline.errors import PipelineError
 from pipeline.store import masks as mask_store
+from pipeline.store.atomic import write_json_atomic
 from pipeline.store.checkpoints import load_checkpoint, save_checkpoint
 from pipeline.store.features import FeatureFile
 from pipeline.store.provenance import differences
@@ -78,6 +79,11 @@ def baseline_path(settings: FitSettings) -> Path:
     return settings.baseline_out or settings.out.with_name(settings.out.stem + ".baseline.pt")
 
 
+def history_path(settings: FitSettings) -> Path:
+    """Per-epoch loss and pseudo-label coverage as JSON (for `dvc plots`)."""
+    return settings.out.with_name(settings.out.stem + ".history.json")
+
+
 def run_fit(settings: FitSettings, progress: bool = True, stop_after_epochs: int | None = None) -> FitSummary:
     """Fit (or resume fitting) PriMaPs-EM; writes the Baseline checkpoint and then the EM model.
 
@@ -109,6 +115,7 @@ def run_fit(settings: FitSettings, progress: bool = True, stop_after_epochs: int
         for epoch in range(len(history), last_epoch):
             history.append(_run_epoch(em, features, settings, epoch, progress))
             _save(partial, settings, provenance, init, em, history, complete=False)
+            write_json_atomic(history_path(settings), history)
     epochs_run = last_epoch - (len(existing["history"]) if existing else 0)
     if len(history) == settings.epochs:
         _save(settings.out, settings, provenance, init, em, history, complete=True)

@@ -74,3 +74,11 @@ def test_rejects_mismatched_inputs():
         dense_crf(image.astype(np.float32), shifted_mask_log_probs(OFFSET))
     with pytest.raises(ValueError):
         dense_crf(image, shifted_mask_log_probs(OFFSET)[:, :-1])
+
+
+def test_read_only_image_is_accepted():
+    image = np.zeros((8, 8, 3), np.uint8)
+    image[:, 4:] = 255
+    image.setflags(write=False)
+    log_probs = np.log(np.full((2, 8, 8), 0.5, np.float32))
+    assert dense_crf(image, log_probs).shape == (2, 8, 8)

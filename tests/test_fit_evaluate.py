@@ -82,7 +82,9 @@ def test_evaluate_scores_model_and_baseline(camvid_features, camvid_masks, tmp_p
     assert written["primaps_em"]["no_crf"] == summary["primaps_em"]["no_crf"]
     table = (tmp_path / "report" / "per_class.md").read_text()
     assert "| sky |" in table and "bicyclist" in table
-    assert (tmp_path / "report" / "confusion.png").stat().st_size > 1000
+    assert (tmp_path / "report" / "figures" / "confusion.png").stat().st_size > 1000
+    assert (tmp_path / "report" / "figures" / "clusters.png").exists()
+    assert written["labelled"] is True and 1 <= written["primaps_em"]["clusters_used"] <= 11
 
 
 def test_evaluation_predictions_match_the_fitted_momentum_prototypes(camvid_features, camvid_masks, tmp_path):

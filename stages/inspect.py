@@ -1,0 +1,196 @@
+"""Stage `inspect`: look at cached masks, pseudo labels and predictions, one picture per image plus a gallery.
+
+Each picture shows, side by side at crop size: the crop, its PriMaPs masks, and with a model the pseudo label
+the E-step would give it (θ_M argmax on the clean tokens, then the majority vote inside each mask) and the
+prediction (θ_M argmax on the flip-averaged tokens, as `evaluate` scores it), then the ground truth when the
+split is labelled. Model outputs are cluster ids and labels are class ids; no Hungarian matching is applied
+here, so the same colour in a prediction and in the ground truth does not mean the same class.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from pipeline.em import Prototypes, majority_vote, upsample_logits
+from pipeline.errors import PipelineError
+from pipeline.store import masks as mask_store
+from pipeline.store.atomic import write_text_atomic
+from pipeline.store.checkpoints import load_checkpoint, require_matching_features
+from pipeline.store.features import FeatureFile
+from pipeline.store.provenance import differences
+from pipeline.viz import (
+    colour_legend_html,
+    colourise,
+    definition_table_html,
+    gallery_html,
+    overlay,
+    palette,
+    panel_strip,
+    save_png,
+)
+from stages.evaluate import load_prototypes
+
+GALLERY_NAME = "index.html"
+COLOUR_NOTE = ("Colours of model outputs are cluster ids and colours of the ground truth are class ids; they are "
+               "not matched, so equal colours in the two do not mean the same class. Black: unlabelled / ignore.")
+
+
+@dataclass(frozen=True)
+class InspectSettings:
+    """Everything `inspect` needs; mirrors the CLI options."""
+
+    features: Path
+    masks: Path
+    out: Path
+    model: Path | None = None
+    images: tuple[str, ...] = ()
+    sample: int = 12
+    seed: int = 0
+
+
+@dataclass
+class InspectSummary:
+    out: Path
+    figures: list[tuple[str, str]]
+    """(picture path relative to `out`, caption) per image, in gallery order."""
+    sections: list[str] = field(default_factory=list)
+    """The gallery's HTML fragments above the pictures (provenance, legend, colour note)."""
+
+    def line(self) -> str:
+        return f"inspect: {len(self.figures)} images in {self.out / GALLERY_NAME}"
+
+
+@dataclass(frozen=True)
+class _Model:
+    path: Path
+    checkpoint: dict[str, Any]
+    prototypes: Prototypes
+
+    @property
+    def classes(self) -> int:
+        return int(self.prototypes.direction.shape[0])
+
+    @property
+    def min_share(self) -> float:
+        """The E-step's vote threshold the model was fitted with (0 for a Baseline: the paper's vote)."""
+        return float(self.checkpoint["recipe"].get("min_share", 0.0))
+
+
+def run_inspect(settings: InspectSettings, progress: bool = True) -> InspectSummary:
+    """Render one panel strip per chosen image into `settings.out` and write the gallery page."""
+    mask_provenance = mask_store.read_provenance(settings.masks)
+    records = mask_store.read_index(settings.masks)
+    with FeatureFile(settings.features) as features:
+        _require_masks_from(features, settings.masks, mask_provenance)
+        model = _load_model(settings.model, features) if settings.model else None
+        chosen = choose_images(features, settings.masks, settings.images, settings.sample, settings.seed)
+        class_names = features.provenance.get("class_names") if features.has_labels else None
+        figures = []
+        for index in tqdm(chosen, desc="inspect", unit="img", disable=not progress, leave=False):
+            name = features.names[index]
+            mask_map = mask_store.read_mask(settings.masks, name)
+            relative = f"{name}.png"
+            save_png(settings.out / relative, panel_strip(_panels(features, index, mask_map, model, class_names)))
+            record = records.get(name) or mask_store.MaskRecord.from_map(name, mask_map, 0.0)
+            figures.append((relative, f"{name}: {record.masks} masks, coverage {100 * record.coverage:.1f}%"))
+        sections = _sections(features.provenance, mask_provenance, model, class_names)
+    summary = InspectSummary(settings.out, figures, sections)
+    write_text_atomic(settings.out / GALLERY_NAME, gallery_html("PriMaPs inspection", sections, figures))
+    return summary
+
+
+def choose_images(features: FeatureFile, masks: Path, names: tuple[str, ...], sample: int, seed: int) -> list[int]:
+    """Feature-file indices of the named images, or a seeded sample of `sample` images that have masks."""
+    if names:
+        positions = {name: index for index, name in enumerate(features.names)}
+        chosen = []
+        for name in names:
+            if name not in positions:
+                raise PipelineError(f"{features.path}: has no image named {name!r}")
+            if not mask_store.has_mask(masks, name):
+                raise PipelineError(f"{mask_store.mask_path(masks, name)}: no mask for {name!r} (propose failed or "
+                                    "did not reach it)")
+            chosen.append(positions[name])
+        return chosen
+    if sample < 1:
+        raise PipelineError(f"--sample {sample}: need at least one image")
+    candidates = [int(index) for index in features.valid_indices()
+                  if mask_store.has_mask(masks, features.names[int(index)])]
+    if not candidates:
+        raise PipelineError(f"{masks}: no masks for the images of {features.path}; run `propose` first")
+    picked = np.random.default_rng(seed).choice(len(candidates), min(sample, len(candidates)), replace=False)
+    return [candidates[position] for position in sorted(picked)]
+
+
+def _require_masks_from(features: FeatureFile, masks: Path, mask_provenance: dict[str, Any]) -> None:
+    changed = differences(mask_provenance["features"], features.provenance)
+    if changed:
+        raise PipelineError(f"{masks}: masks were made from other features than {features.path}: "
+                            f"{'; '.join(changed[:3])}")
+
+
+def _load_model(path: Path, features: FeatureFile) -> _Model:
+    checkpoint = load_checkpoint(path)
+    require_matching_features(path, checkpoint, features.path, features.provenance)
+    return _Model(Path(path), checkpoint, load_prototypes(checkpoint))
+
+
+def _panels(features: FeatureFile, index: int, mask_map: np.ndarray, model: _Model | None,
+            class_names: list[str] | None) -> list[tuple[str, np.ndarray]]:
+    crop = features.crop(index)
+    panels = [("crop", crop), ("PriMaPs masks", overlay(crop, mask_map, palette(mask_store.BACKGROUND)))]
+    if model is not None:
+        colours = palette(model.classes)
+        size = crop.shape[:2]
+        clean = _argmax(model.prototypes, features.features(index), size)
+        pseudo = majority_vote(clean, torch.tensor(mask_map)[None], model.classes, model.min_share)[0].numpy()
+        prediction = _argmax(model.prototypes, features.flip_average_features(index), size)[0].numpy()
+        panels += [("pseudo label (clusters)", colourise(pseudo, colours)),
+                   ("prediction (clusters)", colourise(prediction.astype(np.uint8), colours))]
+    if class_names is not None:
+        panels.append(("ground truth (classes)", colourise(features.label(index), palette(len(class_names)))))
+    return panels
+
+
+@torch.no_grad()
+def _argmax(prototypes: Prototypes, tokens: np.ndarray, size: tuple[int, int]) -> torch.Tensor:
+    """θ_M's cluster ids (1×H×W) at crop size for one image's g×g×C tokens."""
+    logits = prototypes(torch.from_numpy(tokens.astype(np.float32))[None])
+    return upsample_logits(logits, size).argmax(dim=1)
+
+
+def _sections(feature_provenance: dict[str, Any], mask_provenance: dict[str, Any], model: _Model | None,
+              class_names: list[str] | None) -> list[str]:
+    crf = mask_provenance.get("crf")
+    primaps = mask_provenance.get("primaps", {})
+    sections = [
+        definition_table_html("Features", {
+            "backbone": feature_provenance.get("backbone"),
+            "weights sha256": str(feature_provenance.get("weights_sha256"))[:16],
+            "resolution": f"{feature_provenance.get('resolution')} px ({feature_provenance.get('grid')}² tokens)",
+            "dataset / split": f"{feature_provenance.get('dataset')} / {feature_provenance.get('split')}",
+        }),
+        definition_table_html("Masks", {
+            "ψ": primaps.get("psi"),
+            "centring": primaps.get("center"),
+            "stop fraction": primaps.get("stop_fraction"),
+            "CRF": f"{crf['iterations']} iterations" if crf else "off",
+        }),
+    ]
+    if model is not None:
+        history = model.checkpoint.get("history") or []
+        sections.append(definition_table_html("Model", {
+            "checkpoint": model.path, "kind": model.checkpoint.get("kind"), "clusters K": model.classes,
+            "epochs": len(history), "E-step min share": model.min_share,
+        }))
+    if class_names is not None:
+        sections += ["<h2>Ground-truth class colours</h2>", colour_legend_html(class_names, palette(len(class_names)))]
+    if model is not None:
+        sections.append(f'<p class="note">{COLOUR_NOTE}</p>')
+    return sections

@@ -1,0 +1,142 @@
+"""Stage `predict`: segment new image files of any size with a fitted model and its own backbone.
+
+Sizing: the whole image is resized (bilinear, aspect kept) so that its shorter side is the model's
+resolution R, and each side is then rounded to the nearest multiple of the patch size (the aspect ratio
+changes by at most half a patch); no crop is taken, because the ViT interpolates its position embeddings
+to any token grid. θ_M's logits are upsampled bilinearly to the ORIGINAL image size, optionally refined by
+the dense CRF on the original image, and their argmax is the cluster-id map. Unlike `evaluate`, no flip
+averaging is done.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from tqdm import tqdm
+
+from pipeline import __version__
+from pipeline.backbones import ViT, build_backbone
+from pipeline.backbones.registry import RANDOM_WEIGHTS_ID
+from pipeline.crf import CRFParams, dense_crf
+from pipeline.data import IMAGENET_MEAN, IMAGENET_STD, normalize_crops
+from pipeline.data.base import image_size, read_rgb_image
+from pipeline.device import resolve_device
+from pipeline.em import Prototypes, upsample_logits
+from pipeline.errors import PipelineError
+from pipeline.store.atomic import write_json_atomic
+from pipeline.store.checkpoints import load_checkpoint
+from pipeline.viz import overlay, palette, save_png
+from stages.evaluate import load_prototypes
+
+
+@dataclass(frozen=True)
+class PredictSettings:
+    """Everything `predict` needs; mirrors the CLI options."""
+
+    model: Path
+    images: tuple[Path, ...]
+    out: Path
+    crf: bool = False
+    crf_params: CRFParams = CRFParams()
+    device: str = "auto"
+    weights: str | None = None
+
+
+@dataclass
+class PredictSummary:
+    out: Path
+    images: int
+    seconds: float
+
+    def line(self) -> str:
+        return f"predict: {self.images} images segmented into {self.out} in {self.seconds:.1f} s"
+
+
+def model_input_size(width: int, height: int, resolution: int, patch_size: int) -> tuple[int, int]:
+    """(width, height) the backbone sees: shorter side → `resolution`, each side rounded to the nearest
+    multiple of `patch_size` (at least one patch)."""
+    scale = resolution / min(width, height)
+    return tuple(max(patch_size, patch_size * round(side * scale / patch_size)) for side in (width, height))
+
+
+@torch.inference_mode()
+def segment(image: np.ndarray, backbone: ViT, prototypes: Prototypes, resolution: int,
+            crf: CRFParams | None = None, device: torch.device = torch.device("cpu")) -> np.ndarray:
+    """uint8 H×W cluster ids for a uint8 H×W×3 image of any size (see the module docstring for the sizing)."""
+    height, width = image.shape[:2]
+    size = model_input_size(width, height, resolution, backbone.patch_size)
+    resized = np.asarray(Image.fromarray(image).resize(size, Image.Resampling.BILINEAR), dtype=np.uint8)
+    with torch.autocast(device.type, dtype=torch.float16, enabled=device.type == "cuda"):
+        tokens = backbone(normalize_crops(resized[None]).to(device))
+    logits = upsample_logits(prototypes(tokens.float()), (height, width))
+    if crf is None:
+        return logits.argmax(dim=1)[0].to(torch.uint8).cpu().numpy()
+    log_probs = torch.log_softmax(logits, dim=1)[0].float().cpu().numpy()
+    return dense_crf(image, log_probs, crf).argmax(axis=0).astype(np.uint8)
+
+
+def run_predict(settings: PredictSettings, progress: bool = True) -> PredictSummary:
+    """Segment every image of `settings.images` into `DIR/<stem>.png` and `DIR/<stem>_overlay.png`."""
+    started = time.perf_counter()
+    stems = _check_images(settings.images)
+    checkpoint = load_checkpoint(settings.model)
+    fitted = checkpoint["features_provenance"]
+    _require_imagenet_normalisation(settings.model, fitted)
+    backbone = _build_backbone(settings, fitted)
+    device = resolve_device(settings.device)
+    backbone = backbone.to(device)
+    prototypes = load_prototypes(checkpoint).to(device)
+    colours = palette(prototypes.direction.shape[0])
+    crf = settings.crf_params if settings.crf else None
+    outputs = {}
+    for path, stem in tqdm(list(zip(settings.images, stems)), desc="predict", unit="img", disable=not progress):
+        image = np.asarray(read_rgb_image(Path(path)), dtype=np.uint8)
+        clusters = segment(image, backbone, prototypes, int(fitted["resolution"]), crf, device)
+        save_png(settings.out / f"{stem}.png", clusters)
+        save_png(settings.out / f"{stem}_overlay.png", overlay(image, clusters, colours))
+        outputs[str(path)] = f"{stem}.png"
+    write_json_atomic(settings.out / "provenance.json", {
+        "stage": "predict", "model": str(settings.model), "model_kind": checkpoint.get("kind"),
+        "features_provenance": fitted, "crf": asdict(crf) if crf else None, "outputs": outputs,
+        "package_version": __version__,
+    })
+    return PredictSummary(settings.out, len(stems), time.perf_counter() - started)
+
+
+def _check_images(images: tuple[Path, ...]) -> list[str]:
+    """Each image's output stem; refuse unreadable files and stems that would overwrite each other."""
+    if not images:
+        raise PipelineError("predict: no images given")
+    stems: dict[str, Path] = {}
+    for path in images:
+        image_size(Path(path))
+        stem = Path(path).stem
+        if stem in stems:
+            raise PipelineError(f"{path}: same file name stem {stem!r} as {stems[stem]}; outputs would collide")
+        stems[stem] = Path(path)
+    return list(stems)
+
+
+def _require_imagenet_normalisation(model: Path, fitted: dict[str, Any]) -> None:
+    if fitted.get("mean") != list(IMAGENET_MEAN) or fitted.get("std") != list(IMAGENET_STD):
+        raise PipelineError(f"{model}: fitted on features with another input normalisation "
+                            f"(mean {fitted.get('mean')}, std {fitted.get('std')}) than this package uses")
+
+
+def _build_backbone(settings: PredictSettings, fitted: dict[str, Any]) -> ViT:
+    """The backbone the model was fitted on; refuse weights whose SHA-256 differs from the recorded one."""
+    name, expected = fitted["backbone"], fitted["weights_sha256"]
+    if expected == RANDOM_WEIGHTS_ID:
+        return build_backbone(name, random_init=True)[0]
+    backbone, weights_id = build_backbone(name, settings.weights)
+    if weights_id != expected:
+        source = settings.weights or f"the installed {name} weights"
+        raise PipelineError(f"{source}: weights sha256 {weights_id[:16]}… differ from those model {settings.model} "
+                            f"was fitted with ({expected[:16]}…)")
+    return backbone
