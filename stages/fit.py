@@ -112,10 +112,14 @@ def run_fit(settings: FitSettings, progress: bool = True, stop_after_epochs: int
             em.load_state_dict(existing["em"])
             history = list(existing["history"])
         last_epoch = settings.epochs if stop_after_epochs is None else min(settings.epochs, len(history) + stop_after_epochs)
-        for epoch in range(len(history), last_epoch):
-            history.append(_run_epoch(em, features, settings, epoch, progress))
-            _save(partial, settings, provenance, init, em, history, complete=False)
-            write_json_atomic(history_path(settings), history)
+        batches_per_epoch = -(-len(features.valid_indices()) // settings.batch_size)
+        bar = tqdm(total=settings.epochs * batches_per_epoch, initial=len(history) * batches_per_epoch, desc="fit",
+                   unit="batch", disable=not progress, dynamic_ncols=True)
+        with bar:
+            for epoch in range(len(history), last_epoch):
+                history.append(_run_epoch(em, features, settings, epoch, bar))
+                _save(partial, settings, provenance, init, em, history, complete=False)
+                write_json_atomic(history_path(settings), history)
     epochs_run = last_epoch - (len(existing["history"]) if existing else 0)
     if len(history) == settings.epochs:
         _save(settings.out, settings, provenance, init, em, history, complete=True)
@@ -180,19 +184,17 @@ def sample_tokens(features: FeatureFile, count: int, seed: int) -> np.ndarray:
     return np.concatenate(rows)
 
 
-def _run_epoch(em: PrimapsEM, features: FeatureFile, settings: FitSettings, epoch: int, progress: bool) -> dict[str, float]:
+def _run_epoch(em: PrimapsEM, features: FeatureFile, settings: FitSettings, epoch: int, bar: tqdm) -> dict[str, float]:
     order = np.random.default_rng([settings.seed, epoch]).permutation(features.valid_indices())
     batches = [order[start:start + settings.batch_size] for start in range(0, len(order), settings.batch_size)]
     losses, labelled = [], []
-    bar = tqdm(total=len(batches), desc=f"fit epoch {epoch + 1}/{settings.epochs}", unit="batch",
-               disable=not progress, dynamic_ncols=True, leave=False)
-    with bar:
-        for clean, student, masks, flip in _prefetch(features, settings, epoch, batches):
-            stats = em.step(clean, student, masks, flip)
-            losses.append(stats["loss"])
-            labelled.append(stats["labelled_fraction"])
-            bar.set_postfix(loss=f"{stats['loss']:.4f}", labelled=f"{stats['labelled_fraction']:.2f}")
-            bar.update()
+    for clean, student, masks, flip in _prefetch(features, settings, epoch, batches):
+        stats = em.step(clean, student, masks, flip)
+        losses.append(stats["loss"])
+        labelled.append(stats["labelled_fraction"])
+        bar.set_postfix(epoch=f"{epoch + 1}/{settings.epochs}", loss=f"{stats['loss']:.4f}",
+                        labelled=f"{stats['labelled_fraction']:.2f}")
+        bar.update()
     return {"epoch": epoch + 1, "loss": float(np.mean(losses)), "labelled_fraction": float(np.mean(labelled))}
 
 
