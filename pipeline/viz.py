@@ -37,11 +37,22 @@ def colourise(ids: np.ndarray, colours: np.ndarray, ignore: int = 255) -> np.nda
     return rgb
 
 
-def overlay(crop: np.ndarray, ids: np.ndarray, colours: np.ndarray, alpha: float = 0.55, ignore: int = 255) -> np.ndarray:
-    """The crop with the id map blended on top; ignored pixels keep the photo."""
+def boundaries(ids: np.ndarray) -> np.ndarray:
+    """Boolean map of pixels whose right or lower neighbour carries another id."""
+    edge = np.zeros(ids.shape, bool)
+    edge[:, :-1] |= ids[:, :-1] != ids[:, 1:]
+    edge[:-1, :] |= ids[:-1, :] != ids[1:, :]
+    return edge
+
+
+def overlay(crop: np.ndarray, ids: np.ndarray, colours: np.ndarray, alpha: float = 0.55, ignore: int = 255,
+            outline: bool = False) -> np.ndarray:
+    """The crop with the id map blended on top; ignored pixels keep the photo; optional white region outlines."""
     blended = crop.astype(np.float32)
     valid = ids != ignore
     blended[valid] = (1 - alpha) * blended[valid] + alpha * colourise(ids, colours, ignore)[valid]
+    if outline:
+        blended[boundaries(ids)] = 255
     return blended.round().astype(np.uint8)
 
 

@@ -144,7 +144,8 @@ def _load_model(path: Path, features: FeatureFile) -> _Model:
 def _panels(features: FeatureFile, index: int, mask_map: np.ndarray, model: _Model | None,
             class_names: list[str] | None) -> list[tuple[str, np.ndarray]]:
     crop = features.crop(index)
-    panels = [("crop", crop), ("PriMaPs masks", overlay(crop, mask_map, palette(mask_store.BACKGROUND)))]
+    panels = [("crop", crop), ("PriMaPs masks", overlay(crop, mask_map, palette(mask_store.BACKGROUND), alpha=0.6,
+                                                         outline=True))]
     if model is not None:
         colours = palette(model.classes)
         size = crop.shape[:2]
