@@ -144,8 +144,9 @@ def pseudo_label_loss(logits: Tensor, pseudo: Tensor, gamma: float = 2.0) -> Ten
     Weights come from the batch-mean softmax of the logits themselves (focal weighting against the
     classes that already dominate); unlabelled pixels (255) contribute 0 but still count in the mean.
     """
-    weights = focal_class_weights(logits.softmax(dim=1), gamma)
-    per_pixel = F.cross_entropy(logits, pseudo.long(), weight=weights, ignore_index=IGNORE, reduction="none")
+    log_probabilities = F.log_softmax(logits, dim=1)
+    weights = focal_class_weights(log_probabilities.detach().exp(), gamma)
+    per_pixel = F.nll_loss(log_probabilities, pseudo.long(), weight=weights, ignore_index=IGNORE, reduction="none")
     return per_pixel.mean()
 
 
