@@ -80,8 +80,9 @@ def main() -> None:
                         help="feature file (default: extract CamVid train images into a temporary one)")
     parser.add_argument("--root", default=DEFAULT_ROOT, help="CamVid root, used only without --features")
     parser.add_argument("--max-images", type=int, default=24, help="images to extract, used only without --features")
-    parser.add_argument("--psi", type=float, default=0.4)
-    parser.add_argument("--center", default="none", choices=("none", "dataset_mean"))
+    parser.add_argument("--psi", type=float, default=0.8, help="the DINOv2 default; 0.4 is the paper's")
+    parser.add_argument("--center", default="dataset_mean", choices=("none", "dataset_mean"),
+                        help="the DINOv2 default; none is the paper's")
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2], help="worker counts to time (loky)")
     args = parser.parse_args()
 
@@ -115,7 +116,8 @@ def main() -> None:
                 pool_seconds, warmed = start_pool(workers)
                 startup = f"{pool_seconds:.2f} s ({warmed} workers warmed)"
             out = Path(scratch) / f"masks_{workers}"
-            settings = ProposeSettings(features=features, out=out, primaps=params, crf=crf, workers=workers,
+            settings = ProposeSettings(features=features, out=out, psi=params.psi, center=params.center, crf=crf,
+                                       workers=workers,
                                        backend="loky")
             summary = run_propose(settings, progress=False)
             rates[workers] = summary.computed / summary.seconds

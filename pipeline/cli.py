@@ -82,9 +82,11 @@ def extract(**options) -> None:
 @params_option
 @click.option("--features", required=True, type=click.Path(dir_okay=False), help="Feature file from `extract`.")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Mask directory (PNGs + index).")
-@click.option("--psi", type=float, default=0.4, help="Cosine threshold ψ (fraction of the maximum similarity).")
-@click.option("--center", type=click.Choice(["none", "dataset_mean"]), default="none",
-              help="Subtract the split's mean token before PCA and cosine (none = the paper's rule).")
+@click.option("--psi", type=float, default=None,
+              help="Cosine threshold ψ (fraction of the best match). Default: 0.8 for DINOv2, 0.4 for DINO.")
+@click.option("--center", type=click.Choice(["none", "dataset_mean"]), default=None,
+              help="Subtract the split's mean token before PCA and cosine (none = the paper's rule). "
+                   "Default: dataset_mean for DINOv2, none for DINO.")
 @click.option("--stop-fraction", type=float, default=0.95, help="Stop once this fraction of tokens is assigned.")
 @click.option("--crf/--no-crf", default=True, help="Dense-CRF refinement of the masks.")
 @click.option("--crf-iterations", type=int, default=10)
@@ -97,12 +99,11 @@ def propose(features, out, psi, center, stop_fraction, crf, crf_iterations, work
             overwrite) -> None:
     """Compute PriMaPs mask proposals (+ dense CRF) for every cached image, in parallel workers (resumable)."""
     from pipeline.crf import CRFParams
-    from pipeline.primaps import PrimapsParams
     from stages.propose import ProposeSettings, run_propose
 
     settings = ProposeSettings(
         features=Path(features), out=Path(out),
-        primaps=PrimapsParams(psi=psi, stop_fraction=stop_fraction, center=center),
+        psi=psi, center=center, stop_fraction=stop_fraction,
         crf=CRFParams(iterations=crf_iterations) if crf else None,
         workers=workers, backend=backend, scheduler=scheduler, timeout=timeout, overwrite=overwrite)
     summary = run_propose(settings)

@@ -28,13 +28,25 @@ from pipeline.store.features import FeatureFile
 from pipeline.store.masks import MaskRecord
 
 
+# ψ and centring per backbone family when not given. The paper's rule (raw cosine, ψ = 0.4) finds only ~2
+# masks per image on DINOv2 tokens, whose cosines are dominated by a shared mean direction; centring on the
+# split's mean token with ψ = 0.8 gave the purest masks at full coverage on CamVid val (README, "Choosing ψ";
+# benchmarks/psi_study.py). DINO v1 could not be measured offline and keeps the paper's rule.
+FAMILY_DEFAULTS: dict[str, tuple[float, str]] = {"dinov2": (0.8, "dataset_mean"), "dino": (0.4, "none")}
+
+
 @dataclass(frozen=True)
 class ProposeSettings:
-    """Everything `propose` needs; mirrors the CLI options and the `propose` section of params.yaml."""
+    """Everything `propose` needs; mirrors the CLI options and the `propose` section of params.yaml.
+
+    `psi` and `center` left as None take the backbone family's default (FAMILY_DEFAULTS).
+    """
 
     features: Path
     out: Path
-    primaps: PrimapsParams = PrimapsParams()
+    psi: float | None = None
+    center: str | None = None
+    stop_fraction: float = 0.95
     crf: CRFParams | None = CRFParams()
     workers: int = 1
     backend: str = "loky"
@@ -43,8 +55,16 @@ class ProposeSettings:
     overwrite: bool = False
 
 
+def primaps_params(settings: ProposeSettings, backbone_family: str) -> PrimapsParams:
+    """The PriMaPs constants to use: the settings, completed by the backbone family's defaults."""
+    psi, center = FAMILY_DEFAULTS[backbone_family]
+    return PrimapsParams(psi=psi if settings.psi is None else settings.psi, center=settings.center or center,
+                         stop_fraction=settings.stop_fraction)
+
+
 @dataclass
 class ProposeSummary:
+    params: PrimapsParams
     images: int
     computed: int
     failed: list[MaskRecord]
@@ -53,7 +73,8 @@ class ProposeSummary:
     seconds: float
 
     def line(self) -> str:
-        return (f"propose: {self.images} images ({self.computed} computed now), {self.masks_per_image:.2f} masks/image, "
+        return (f"propose: psi {self.params.psi}, center {self.params.center}: "
+                f"{self.images} images ({self.computed} computed now), {self.masks_per_image:.2f} masks/image, "
                 f"coverage {100 * self.coverage:.1f}%, {len(self.failed)} failed, {self.seconds:.1f} s")
 
 
@@ -63,18 +84,19 @@ def run_propose(settings: ProposeSettings, progress: bool = True) -> ProposeSumm
     with FeatureFile(settings.features) as features:
         names = [features.names[index] for index in features.valid_indices()]
         indices = [int(index) for index in features.valid_indices()]
-        center = dataset_mean_token(features) if settings.primaps.center == "dataset_mean" else None
+        params = primaps_params(settings, features.provenance["backbone_family"])
+        center = dataset_mean_token(features) if params.center == "dataset_mean" else None
         provenance = {
             "stage": "propose",
             "features": features.provenance,
-            "primaps": asdict(settings.primaps),
+            "primaps": asdict(params),
             "crf": asdict(settings.crf) if settings.crf else None,
             "package_version": __version__,
         }
     mask_store.claim_directory(settings.out, provenance, settings.overwrite)
     records = mask_store.read_index(settings.out)
     pending = [(index, name) for index, name in zip(indices, names) if not mask_store.has_mask(settings.out, name)]
-    tasks = [(str(settings.features), index, name, str(settings.out), settings.primaps, settings.crf, center,
+    tasks = [(str(settings.features), index, name, str(settings.out), params, settings.crf, center,
               settings.timeout) for index, name in pending]
     appender = mask_store.IndexAppender(settings.out)
     bar = tqdm(total=len(names), initial=len(names) - len(pending), unit="img", desc="propose",
@@ -91,6 +113,7 @@ def run_propose(settings: ProposeSettings, progress: bool = True) -> ProposeSumm
     mask_store.write_index(settings.out, ordered)
     finished = [record for record in ordered if record.status == "ok"]
     return ProposeSummary(
+        params=params,
         images=len(names),
         computed=len(pending),
         failed=[record for record in ordered if record.status != "ok"],

@@ -13,7 +13,6 @@ import numpy as np
 import pytest
 
 from pipeline.errors import PipelineError
-from pipeline.primaps import PrimapsParams
 from pipeline.store import masks as mask_store
 from pipeline.store.features import FeatureFile
 from stages.propose import ProposeSettings, run_propose
@@ -54,8 +53,18 @@ def test_other_settings_refuse_and_finished_images_are_skipped(camvid_features, 
     run_propose(settings, progress=False)
     assert run_propose(settings, progress=False).computed == 0
     with pytest.raises(PipelineError, match=r"masks: made with different settings: primaps"):
-        run_propose(replace(settings, primaps=PrimapsParams(psi=0.6)), progress=False)
-    assert run_propose(replace(settings, primaps=PrimapsParams(psi=0.6), overwrite=True), progress=False).computed == 16
+        run_propose(replace(settings, psi=0.6), progress=False)
+    assert run_propose(replace(settings, psi=0.6, overwrite=True), progress=False).computed == 16
+
+
+def test_backbone_family_chooses_psi_and_centring_unless_given(camvid_features, tmp_path):
+    family_default = run_propose(ProposeSettings(features=camvid_features, out=tmp_path / "default", crf=None),
+                                 progress=False)
+    assert (family_default.params.psi, family_default.params.center) == (0.8, "dataset_mean")
+    paper = run_propose(ProposeSettings(features=camvid_features, out=tmp_path / "paper", crf=None, psi=0.4,
+                                        center="none"), progress=False)
+    assert mask_store.read_provenance(tmp_path / "paper")["primaps"]["center"] == "none"
+    assert family_default.masks_per_image > paper.masks_per_image
 
 
 def test_killed_propose_resumes_to_the_same_masks(camvid_features, tmp_path):
