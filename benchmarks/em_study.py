@@ -34,8 +34,12 @@ def parse_recipe(text: str) -> tuple[str, dict[str, object]]:
         key, _, value = assignment.partition("=")
         if key not in fields:
             raise SystemExit(f"recipe {name}: unknown setting {key!r}")
-        overrides[key] = Path(value) if key == "masks" else {"int": int, "float": float}[fields[key].type](value)
+        overrides[key] = Path(value) if key == "masks" else {"int": int, "float": float, "bool": _boolean}[fields[key].type](value)
     return name, overrides
+
+
+def _boolean(text: str) -> bool:
+    return text.lower() in ("1", "true", "yes")
 
 
 def run_one(args: argparse.Namespace, name: str, overrides: dict[str, object], seed: int) -> dict[str, object]:

@@ -130,6 +130,8 @@ def propose(features, out, psi, center, stop_fraction, crf, crf_iterations, work
 @click.option("--gamma", type=float, default=2.0, help="Focal exponent of the class weights.")
 @click.option("--min-share", type=float, default=0.0,
               help="Drop a mask's vote when its majority class covers less than this share (0 = the paper).")
+@click.option("--teacher-fallback/--no-teacher-fallback", default=False,
+              help="Label pixels the vote leaves out with θ_M's own class instead of ignoring them (off = the paper).")
 @click.option("--init-samples", type=int, default=200_000, help="Tokens sampled for the PCA + k-means Baseline.")
 @click.option("--kmeans-iterations", type=int, default=20)
 @click.option("--device", type=click.Choice(DEVICE_CHOICES), default="auto")

@@ -133,6 +133,20 @@ def majority_vote(predictions: Tensor, masks: Tensor, num_classes: int, min_shar
     return torch.gather(winner, 1, mask_ids.flatten(1)).view_as(masks).to(torch.uint8)
 
 
+def e_step(teacher_logits: Tensor, masks: Tensor, num_classes: int, min_share: float = 0.0,
+           teacher_fallback: bool = False) -> Tensor:
+    """Pseudo labels from θ_M's B×K×H×W logits at crop size: per-pixel argmax, then the per-mask vote.
+
+    teacher_fallback labels the pixels the vote leaves unlabelled (outside every mask, or in a mask whose
+    majority is below min_share) with the teacher's own per-pixel class instead of ignoring them.
+    """
+    teacher = teacher_logits.argmax(dim=1)
+    pseudo = majority_vote(teacher, masks, num_classes, min_share)
+    if teacher_fallback:
+        pseudo = torch.where(pseudo == IGNORE, teacher.to(torch.uint8), pseudo)
+    return pseudo
+
+
 def focal_class_weights(probabilities: Tensor, gamma: float = 2.0) -> Tensor:
     """K class weights (1 − p̄_c)^γ from the batch-mean softmax probability p̄_c; detached, so not trained."""
     return (1 - probabilities.detach().mean(dim=(0, 2, 3))) ** gamma
@@ -172,6 +186,7 @@ class EMConfig:
     ema_max_decay: float = 0.98
     gamma: float = 2.0
     min_share: float = 0.0
+    teacher_fallback: bool = False
     seed: int = 0
 
 
@@ -216,8 +231,8 @@ class PrimapsEM:
         size = tuple(masks.shape[-2:])
 
         with torch.no_grad():
-            teacher = upsample_logits(self.momentum(clean), size).argmax(dim=1)
-            pseudo = majority_vote(teacher, masks, self.config.num_classes, self.config.min_share)
+            pseudo = e_step(upsample_logits(self.momentum(clean), size), masks, self.config.num_classes,
+                            self.config.min_share, self.config.teacher_fallback)
 
         loss = pseudo_label_loss(upsample_logits(self.running(student), size), pseudo, self.config.gamma)
         self.optimizer.zero_grad(set_to_none=True)

@@ -45,6 +45,7 @@ class FitSettings:
     ema_max_decay: float = 0.98
     gamma: float = 2.0
     min_share: float = 0.0
+    teacher_fallback: bool = False
     init_samples: int = 200_000
     kmeans_iterations: int = 20
     device: str = "auto"
@@ -105,7 +106,8 @@ def run_fit(settings: FitSettings, progress: bool = True, stop_after_epochs: int
         device = resolve_device(settings.device)
         config = EMConfig(num_classes=settings.classes, learning_rate=settings.learning_rate,
                           ema_every=settings.ema_every, ema_max_decay=settings.ema_max_decay, gamma=settings.gamma,
-                          min_share=settings.min_share, seed=settings.seed)
+                          min_share=settings.min_share, teacher_fallback=settings.teacher_fallback,
+                          seed=settings.seed)
         em = PrimapsEM(init, config, device)
         history: list[dict[str, float]] = []
         if existing is not None:

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from pipeline.em import Prototypes, majority_vote, upsample_logits
+from pipeline.em import Prototypes, e_step, upsample_logits
 from pipeline.errors import PipelineError
 from pipeline.store import masks as mask_store
 from pipeline.store.atomic import write_text_atomic
@@ -77,9 +77,11 @@ class _Model:
         return int(self.prototypes.direction.shape[0])
 
     @property
-    def min_share(self) -> float:
-        """The E-step's vote threshold the model was fitted with (0 for a Baseline: the paper's vote)."""
-        return float(self.checkpoint["recipe"].get("min_share", 0.0))
+    def e_step_options(self) -> dict[str, Any]:
+        """The E-step settings the model was fitted with (a Baseline has none: the paper's plain vote)."""
+        recipe = self.checkpoint["recipe"]
+        return {"min_share": float(recipe.get("min_share", 0.0)),
+                "teacher_fallback": bool(recipe.get("teacher_fallback", False))}
 
 
 def run_inspect(settings: InspectSettings, progress: bool = True) -> InspectSummary:
@@ -149,9 +151,9 @@ def _panels(features: FeatureFile, index: int, mask_map: np.ndarray, model: _Mod
     if model is not None:
         colours = palette(model.classes)
         size = crop.shape[:2]
-        clean = _argmax(model.prototypes, features.features(index), size)
-        pseudo = majority_vote(clean, torch.tensor(mask_map)[None], model.classes, model.min_share)[0].numpy()
-        prediction = _argmax(model.prototypes, features.flip_average_features(index), size)[0].numpy()
+        clean = _logits(model.prototypes, features.features(index), size)
+        pseudo = e_step(clean, torch.tensor(mask_map)[None], model.classes, **model.e_step_options)[0].numpy()
+        prediction = _logits(model.prototypes, features.flip_average_features(index), size).argmax(dim=1)[0].numpy()
         panels += [("pseudo label (clusters)", colourise(pseudo, colours)),
                    ("prediction (clusters)", colourise(prediction.astype(np.uint8), colours))]
     if class_names is not None:
@@ -160,10 +162,9 @@ def _panels(features: FeatureFile, index: int, mask_map: np.ndarray, model: _Mod
 
 
 @torch.no_grad()
-def _argmax(prototypes: Prototypes, tokens: np.ndarray, size: tuple[int, int]) -> torch.Tensor:
-    """θ_M's cluster ids (1×H×W) at crop size for one image's g×g×C tokens."""
-    logits = prototypes(torch.from_numpy(tokens.astype(np.float32))[None])
-    return upsample_logits(logits, size).argmax(dim=1)
+def _logits(prototypes: Prototypes, tokens: np.ndarray, size: tuple[int, int]) -> torch.Tensor:
+    """θ_M's logits (1×K×H×W) at crop size for one image's g×g×C tokens."""
+    return upsample_logits(prototypes(torch.from_numpy(tokens.astype(np.float32))[None]), size)
 
 
 def _sections(feature_provenance: dict[str, Any], mask_provenance: dict[str, Any], model: _Model | None,
@@ -188,7 +189,8 @@ def _sections(feature_provenance: dict[str, Any], mask_provenance: dict[str, Any
         history = model.checkpoint.get("history") or []
         sections.append(definition_table_html("Model", {
             "checkpoint": model.path, "kind": model.checkpoint.get("kind"), "clusters K": model.classes,
-            "epochs": len(history), "E-step min share": model.min_share,
+            "epochs": len(history), **{f"E-step {key.replace('_', ' ')}": value
+                                       for key, value in model.e_step_options.items()},
         }))
     if class_names is not None:
         sections += ["<h2>Ground-truth class colours</h2>", colour_legend_html(class_names, palette(len(class_names)))]

@@ -369,3 +369,14 @@ def test_predict_returns_class_ids_at_crop_size():
 def test_init_with_wrong_number_of_prototypes_is_refused():
     with pytest.raises(PipelineError, match="initial prototypes"):
         PrimapsEM(np.zeros((3, C), dtype=np.float32), EMConfig(num_classes=K))
+
+
+def test_e_step_teacher_fallback_labels_what_the_vote_leaves_out():
+    # One image, 1×6 pixels: mask 1 covers pixels 0-2 (teacher 0, 0, 1: majority 0 with share 2/3),
+    # mask 2 covers pixels 3-4 (teacher 1, 2: a tie at share 1/2), pixel 5 lies outside every mask.
+    teacher = torch.tensor([[[0, 0, 1, 1, 2, 2]]])
+    logits = F.one_hot(teacher, 3).permute(0, 3, 1, 2).float()
+    masks = torch.tensor([[[1, 1, 1, 2, 2, 255]]], dtype=torch.uint8)
+    assert em.e_step(logits, masks, 3).tolist() == [[[0, 0, 0, 1, 1, 255]]]
+    assert em.e_step(logits, masks, 3, min_share=0.6).tolist() == [[[0, 0, 0, 255, 255, 255]]]
+    assert em.e_step(logits, masks, 3, min_share=0.6, teacher_fallback=True).tolist() == [[[0, 0, 0, 1, 2, 2]]]
