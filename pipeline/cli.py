@@ -132,6 +132,8 @@ def propose(features, out, psi, center, stop_fraction, crf, crf_iterations, work
               help="Drop a mask's vote when its majority class covers less than this share (0 = the paper).")
 @click.option("--teacher-fallback/--no-teacher-fallback", default=False,
               help="Label pixels the vote leaves out with θ_M's own class instead of ignoring them (off = the paper).")
+@click.option("--augmented-student/--clean-student", default=True,
+              help="M-step on one of the cached augmented views (when extract cached some) or on the clean view.")
 @click.option("--init-samples", type=int, default=200_000, help="Tokens sampled for the PCA + k-means Baseline.")
 @click.option("--kmeans-iterations", type=int, default=20)
 @click.option("--device", type=click.Choice(DEVICE_CHOICES), default="auto")

@@ -46,6 +46,7 @@ class FitSettings:
     gamma: float = 2.0
     min_share: float = 0.0
     teacher_fallback: bool = False
+    augmented_student: bool = True
     init_samples: int = 200_000
     kmeans_iterations: int = 20
     device: str = "auto"
@@ -210,16 +211,17 @@ def _prefetch(features: FeatureFile, settings: FitSettings, epoch: int,
         for position in range(len(batches) + 1):
             following = None
             if position < len(batches):
-                following = pool.submit(_read_batch, features, settings.masks, batches[position], *draws[position])
+                following = pool.submit(_read_batch, features, settings.masks, batches[position], *draws[position],
+                                        settings.augmented_student)
             if pending is not None:
                 yield pending.result()
             pending = following
 
 
 def _read_batch(features: FeatureFile, masks: Path, batch: np.ndarray, views: np.ndarray,
-                flips: np.ndarray) -> tuple[torch.Tensor, ...]:
+                flips: np.ndarray, augmented_student: bool) -> tuple[torch.Tensor, ...]:
     clean = np.stack([features.features(int(index)) for index in batch]).astype(np.float32)
-    if features.views:
+    if features.views and augmented_student:
         student = np.stack([features.view_features(int(index), int(view))
                             for index, view in zip(batch, views)]).astype(np.float32)
     else:
