@@ -24,7 +24,7 @@ from pipeline.metrics import SegmentationEvaluator, confusion_matrix
 from pipeline.parallel import parallel_unordered
 from pipeline.store.atomic import write_json_atomic, write_text_atomic
 from pipeline.store.checkpoints import load_checkpoint, require_matching_features
-from pipeline.store.features import FeatureFile
+from pipeline.store.features import FeatureFile, shared_feature_file
 from pipeline.viz import save_cluster_share_figure, save_confusion_figure
 
 
@@ -76,8 +76,8 @@ def run_evaluate(settings: EvaluateSettings, progress: bool = True) -> dict[str,
                 if settings.crf:
                     scores["crf"] = _score_crf(prototypes, features, class_names, settings, progress).evaluate()
             results[role] = scores
-    _write_reports(settings.out, results, class_names, settings.features)
     summary = _summary(results, labelled=class_names is not None)
+    _write_reports(settings.out, results, summary, class_names, settings.features)
     summary["seconds"] = round(time.perf_counter() - started, 1)
     return summary
 
@@ -95,10 +95,11 @@ def _summary(results: dict[str, Any], labelled: bool) -> dict[str, Any]:
     return summary
 
 
-def _write_reports(out: Path, results: dict[str, Any], class_names: list[str] | None, features: Path) -> None:
+def _write_reports(out: Path, results: dict[str, Any], summary: dict[str, Any], class_names: list[str] | None,
+                   features: Path) -> None:
     figures = out / "figures"
     figures.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(out / "metrics.json", _summary(results, labelled=class_names is not None))
+    write_json_atomic(out / "metrics.json", summary)
     write_json_atomic(out / "details.json", results)
     save_cluster_share_figure(figures / "clusters.png", {role: scores["cluster_share"] for role, scores in results.items()})
     if class_names is None:
@@ -143,7 +144,8 @@ def _score_crf(prototypes: Prototypes, features: FeatureFile, class_names: list[
 
 def _crf_confusion(features_path: str, index: int, weight: np.ndarray, crf: CRFParams, num_classes: int) -> np.ndarray:
     """One image's clusters×classes counts after CRF refinement of θ_M's logits."""
-    with threadpool_limits(1), FeatureFile(features_path) as features:
+    with threadpool_limits(1):
+        features = shared_feature_file(features_path)
         tokens = torch.from_numpy(features.flip_average_features(index).astype(np.float32))[None]
         logits = torch.einsum("bhwc,kc->bkhw", tokens, torch.from_numpy(weight))
         size = (features.resolution, features.resolution)

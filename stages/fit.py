@@ -100,8 +100,8 @@ def run_fit(settings: FitSettings, progress: bool = True, stop_after_epochs: int
     if settings.classes < 2:
         raise PipelineError(f"--classes {settings.classes}: need at least 2 classes")
     with FeatureFile(settings.features) as features:
-        _require_masks_from(features, settings.masks)
-        provenance = {"features": features.provenance, "masks": mask_store.read_provenance(settings.masks),
+        masks_provenance = mask_store.require_made_from(settings.masks, features.path, features.provenance)
+        provenance = {"features": features.provenance, "masks": masks_provenance,
                       "package_version": __version__}
         partial = settings.out.with_name(settings.out.name + ".partial")
         existing = _existing_run(settings, partial, provenance)
@@ -134,13 +134,6 @@ def run_fit(settings: FitSettings, progress: bool = True, stop_after_epochs: int
         partial.unlink(missing_ok=True)
     last = history[-1] if history else {"loss": float("nan"), "labelled_fraction": 0.0}
     return FitSummary(settings.out, epochs_run, last["loss"], last["labelled_fraction"], time.perf_counter() - started)
-
-
-def _require_masks_from(features: FeatureFile, masks: Path) -> None:
-    made_from = mask_store.read_provenance(masks)["features"]
-    changed = differences(made_from, features.provenance)
-    if changed:
-        raise PipelineError(f"{masks}: masks were made from other features than {features.path}: {'; '.join(changed[:3])}")
 
 
 def _existing_run(settings: FitSettings, partial: Path, provenance: dict[str, Any]) -> dict[str, Any] | None:

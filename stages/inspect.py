@@ -23,7 +23,6 @@ from pipeline.store import masks as mask_store
 from pipeline.store.atomic import write_text_atomic
 from pipeline.store.checkpoints import load_checkpoint, require_matching_features
 from pipeline.store.features import FeatureFile
-from pipeline.store.provenance import differences
 from pipeline.viz import (
     colour_legend_html,
     colourise,
@@ -86,10 +85,9 @@ class _Model:
 
 def run_inspect(settings: InspectSettings, progress: bool = True) -> InspectSummary:
     """Render one panel strip per chosen image into `settings.out` and write the gallery page."""
-    mask_provenance = mask_store.read_provenance(settings.masks)
     records = mask_store.read_index(settings.masks)
     with FeatureFile(settings.features) as features:
-        _require_masks_from(features, settings.masks, mask_provenance)
+        mask_provenance = mask_store.require_made_from(settings.masks, features.path, features.provenance)
         model = _load_model(settings.model, features) if settings.model else None
         chosen = choose_images(features, settings.masks, settings.images, settings.sample, settings.seed)
         class_names = features.provenance.get("class_names") if features.has_labels else None
@@ -128,13 +126,6 @@ def choose_images(features: FeatureFile, masks: Path, names: tuple[str, ...], sa
         raise PipelineError(f"{masks}: no masks for the images of {features.path}; run `propose` first")
     picked = np.random.default_rng(seed).choice(len(candidates), min(sample, len(candidates)), replace=False)
     return [candidates[position] for position in sorted(picked)]
-
-
-def _require_masks_from(features: FeatureFile, masks: Path, mask_provenance: dict[str, Any]) -> None:
-    changed = differences(mask_provenance["features"], features.provenance)
-    if changed:
-        raise PipelineError(f"{masks}: masks were made from other features than {features.path}: "
-                            f"{'; '.join(changed[:3])}")
 
 
 def _load_model(path: Path, features: FeatureFile) -> _Model:

@@ -7,7 +7,6 @@ interrupted run resumes; a failed or timed-out image is recorded, reported, and 
 
 from __future__ import annotations
 
-import os
 import signal
 import threading
 import time
@@ -24,7 +23,7 @@ from pipeline.errors import PipelineError
 from pipeline.parallel import parallel_unordered
 from pipeline.primaps import PrimapsParams, proposal_map
 from pipeline.store import masks as mask_store
-from pipeline.store.features import FeatureFile
+from pipeline.store.features import FeatureFile, shared_feature_file
 from pipeline.store.masks import MaskRecord
 
 
@@ -156,19 +155,6 @@ def _record_for(directory: Path, name: str, records: dict[str, MaskRecord]) -> M
     return record or MaskRecord(name, "failed", error="not computed")
 
 
-_OPEN_FILES: dict[tuple[int, str], FeatureFile] = {}
-_OPEN_LOCK = threading.Lock()
-
-
-def _feature_file(path: str) -> FeatureFile:
-    """This process's own handle on the feature file (HDF5 handles must not cross a fork)."""
-    key = (os.getpid(), path)
-    with _OPEN_LOCK:
-        if key not in _OPEN_FILES:
-            _OPEN_FILES[key] = FeatureFile(path)
-        return _OPEN_FILES[key]
-
-
 class _ImageTimeout(Exception):
     pass
 
@@ -179,7 +165,7 @@ def _propose_one(features_path: str, index: int, name: str, out: str, params: Pr
     started = time.perf_counter()
     try:
         with _alarm(timeout), threadpool_limits(1):
-            features = _feature_file(features_path)
+            features = shared_feature_file(features_path)
             mask_map = proposal_map(features.features(index), features.crop(index), params, crf, center)
             mask_store.write_mask(out, name, mask_map)
     except _ImageTimeout:

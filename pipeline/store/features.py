@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -219,6 +220,20 @@ class FeatureFile:
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
+
+
+_SHARED: dict[tuple[int, str], FeatureFile] = {}
+_SHARED_LOCK = threading.Lock()
+
+
+def shared_feature_file(path: str | Path) -> FeatureFile:
+    """This process's own long-lived read handle on `path`, for per-image worker tasks: opened once per
+    process (HDF5 handles must not cross a fork), never once per image."""
+    key = (os.getpid(), str(path))
+    with _SHARED_LOCK:
+        if key not in _SHARED:
+            _SHARED[key] = FeatureFile(path)
+        return _SHARED[key]
 
 
 def _open(path: Path, mode: str) -> h5py.File:

@@ -21,7 +21,7 @@ from PIL import Image
 
 from pipeline.errors import PipelineError
 from pipeline.store.atomic import write_bytes_atomic, write_json_atomic, write_text_atomic
-from pipeline.store.provenance import require_same
+from pipeline.store.provenance import differences, require_same
 
 BACKGROUND = 255
 INDEX_NAME = "index.jsonl"
@@ -91,6 +91,17 @@ def read_provenance(directory: str | Path) -> dict[str, Any]:
     if not record.exists():
         raise PipelineError(f"{directory}: not a mask directory (no {PROVENANCE_NAME}); run `propose` first")
     return json.loads(record.read_text())
+
+
+def require_made_from(directory: str | Path, features_path: str | Path,
+                      features_provenance: dict[str, Any]) -> dict[str, Any]:
+    """The masks' provenance, after refusing masks that were made from other features."""
+    provenance = read_provenance(directory)
+    changed = differences(provenance["features"], features_provenance)
+    if changed:
+        raise PipelineError(f"{directory}: masks were made from other features than {features_path}: "
+                            f"{'; '.join(changed[:3])}")
+    return provenance
 
 
 def read_index(directory: str | Path) -> dict[str, MaskRecord]:
