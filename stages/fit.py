@@ -108,7 +108,7 @@ def run_fit(settings: FitSettings, progress: bool = True, stop_after_epochs: int
         if existing is not None and existing.get("complete"):
             return FitSummary(settings.out, 0, existing["history"][-1]["loss"],
                               existing["history"][-1]["labelled_fraction"], time.perf_counter() - started)
-        init = _baseline(settings, features, provenance)
+        init = _baseline(settings, features)
         device = resolve_device(settings.device)
         config = EMConfig(num_classes=settings.classes, learning_rate=settings.learning_rate,
                           ema_every=settings.ema_every, ema_max_decay=settings.ema_max_decay, gamma=settings.gamma,
@@ -153,9 +153,13 @@ def _existing_run(settings: FitSettings, partial: Path, provenance: dict[str, An
     return None
 
 
-def _baseline(settings: FitSettings, features: FeatureFile, provenance: dict[str, Any]) -> np.ndarray:
-    """PCA of a seeded token subsample → spherical k-means: the paper's Baseline, saved as its own model."""
+def _baseline(settings: FitSettings, features: FeatureFile) -> np.ndarray:
+    """PCA of a seeded token subsample → spherical k-means: the paper's Baseline, saved as its own model.
+
+    It depends on the features and the init recipe only, so fits on other masks reuse it.
+    """
     path = baseline_path(settings)
+    provenance = {"features": features.provenance, "package_version": __version__}
     if path.exists() and not settings.overwrite:
         checkpoint = load_checkpoint(path)
         if not differences(checkpoint["recipe"], settings.init_recipe()) and not differences(checkpoint["provenance"], provenance):
