@@ -124,7 +124,7 @@ def propose(features, out, psi, center, stop_fraction, crf, crf_iterations, work
               help="Baseline (initialisation) checkpoint. Default: <out stem>.baseline.pt beside --out.")
 @click.option("--epochs", type=int, default=10)
 @click.option("--batch-size", type=int, default=32)
-@click.option("--learning-rate", type=float, default=5e-4, help="Adam learning rate (the paper: 5e-3).")
+@click.option("--learning-rate", type=float, default=2e-3, help="Adam learning rate (the paper: 5e-3).")
 @click.option("--ema-every", type=int, default=10)
 @click.option("--ema-max-decay", type=float, default=0.98)
 @click.option("--gamma", type=float, default=2.0, help="Focal exponent of the class weights.")
@@ -132,6 +132,8 @@ def propose(features, out, psi, center, stop_fraction, crf, crf_iterations, work
               help="Drop a mask's vote when its majority class covers less than this share (0 = the paper).")
 @click.option("--teacher-fallback/--no-teacher-fallback", default=True,
               help="Label pixels the vote leaves out with θ_M's own class instead of ignoring them (off = the paper).")
+@click.option("--mask-weighting", type=float, default=1.0,
+              help="M-step pixel weight |mask|^-w: 1 weighs every proposal alike, 0 every pixel alike (the paper).")
 @click.option("--augmented-student/--clean-student", default=True,
               help="M-step on one of the cached augmented views (when extract cached some) or on the clean view.")
 @click.option("--init-samples", type=int, default=200_000, help="Tokens sampled for the PCA + k-means Baseline.")

@@ -152,15 +152,33 @@ def focal_class_weights(probabilities: Tensor, gamma: float = 2.0) -> Tensor:
     return (1 - probabilities.detach().mean(dim=(0, 2, 3))) ** gamma
 
 
-def pseudo_label_loss(logits: Tensor, pseudo: Tensor, gamma: float = 2.0) -> Tensor:
+def mask_size_weights(masks: Tensor, exponent: float) -> Tensor:
+    """Per-pixel loss weights |m|^−exponent, |m| the pixel count of the proposal the pixel lies in.
+
+    Pixels outside every mask form one region per image. Exponent 1 gives every mask the same total weight
+    however large it is, so a car's mask pulls as hard as the road's; 0 gives every pixel weight 1 (the paper).
+    """
+    batch = masks.shape[0]
+    region = torch.arange(batch, device=masks.device).view(batch, 1, 1) * 256 + masks.long()
+    sizes = torch.bincount(region.flatten(), minlength=batch * 256).to(torch.float32)
+    return sizes[region].pow(-exponent)
+
+
+def pseudo_label_loss(logits: Tensor, pseudo: Tensor, gamma: float = 2.0, pixel_weights: Tensor | None = None) -> Tensor:
     """M-step loss: class-weighted cross-entropy of B×K×H×W logits against pseudo labels.
 
     Weights come from the batch-mean softmax of the logits themselves (focal weighting against the
     classes that already dominate); unlabelled pixels (255) contribute 0 but still count in the mean.
+    Optional B×H×W `pixel_weights` (e.g. mask_size_weights) are rescaled to mean 1 over the labelled pixels,
+    so they move weight between pixels without changing the loss scale.
     """
     log_probabilities = F.log_softmax(logits, dim=1)
     weights = focal_class_weights(log_probabilities.detach().exp(), gamma)
     per_pixel = F.nll_loss(log_probabilities, pseudo.long(), weight=weights, ignore_index=IGNORE, reduction="none")
+    if pixel_weights is not None:
+        labelled = pseudo != IGNORE
+        if labelled.any():
+            per_pixel = per_pixel * pixel_weights / pixel_weights[labelled].mean()
     return per_pixel.mean()
 
 
@@ -178,7 +196,11 @@ def ema_update(momentum: Prototypes, running: Prototypes, decay: float) -> None:
 
 @dataclass(frozen=True)
 class EMConfig:
-    """The PriMaPs-EM hyper-parameters (paper defaults); min_share 0 is the paper's plain majority vote."""
+    """The PriMaPs-EM hyper-parameters (paper defaults).
+
+    min_share 0 is the paper's plain majority vote; mask_weighting 0 is the paper's per-pixel mean loss
+    (1 weighs every mask alike, see mask_size_weights).
+    """
 
     num_classes: int
     learning_rate: float = 5e-3
@@ -187,6 +209,7 @@ class EMConfig:
     gamma: float = 2.0
     min_share: float = 0.0
     teacher_fallback: bool = False
+    mask_weighting: float = 0.0
     seed: int = 0
 
 
@@ -234,7 +257,8 @@ class PrimapsEM:
             pseudo = e_step(upsample_logits(self.momentum(clean), size), masks, self.config.num_classes,
                             self.config.min_share, self.config.teacher_fallback)
 
-        loss = pseudo_label_loss(upsample_logits(self.running(student), size), pseudo, self.config.gamma)
+        pixel_weights = mask_size_weights(masks, self.config.mask_weighting) if self.config.mask_weighting else None
+        loss = pseudo_label_loss(upsample_logits(self.running(student), size), pseudo, self.config.gamma, pixel_weights)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()

@@ -18,6 +18,7 @@ from pipeline.em import (
     ema_update,
     focal_class_weights,
     majority_vote,
+    mask_size_weights,
     pca_directions,
     pseudo_label_loss,
     spherical_kmeans,
@@ -250,6 +251,42 @@ def test_pseudo_label_loss_is_weighted_ce_averaged_over_all_pixels():
     (gradient,) = torch.autograd.grad(loss, logits)
     (expected_gradient,) = torch.autograd.grad(expected, logits)
     torch.testing.assert_close(gradient, expected_gradient)
+
+
+def test_mask_size_weights_give_every_region_the_same_total():
+    # Image 0: mask 1 has 1 pixel, mask 2 has 3, 2 pixels lie outside every mask; image 1: one mask of 6.
+    masks = torch.tensor([[[1, 2, 2, 2, 255, 255]], [[3, 3, 3, 3, 3, 3]]], dtype=torch.uint8)
+    weights = mask_size_weights(masks, exponent=1.0)
+    torch.testing.assert_close(weights, torch.tensor([[[1, 1 / 3, 1 / 3, 1 / 3, 1 / 2, 1 / 2]], [[1 / 6] * 6]]))
+    torch.testing.assert_close(mask_size_weights(masks, exponent=0.0), torch.ones(2, 1, 6))
+    torch.testing.assert_close(mask_size_weights(masks, exponent=0.5)[0, 0, 1], torch.tensor(3 ** -0.5))
+
+
+def test_mask_weighted_loss_is_the_mean_over_masks_of_each_masks_mean_loss():
+    generator = torch.Generator().manual_seed(5)
+    masks = torch.tensor([[[1, 1, 1, 1, 1, 2], [1, 1, 1, 1, 1, 2]], [[4, 4, 4, 4, 4, 4], [4, 4, 4, 4, 4, 5]]],
+                         dtype=torch.uint8)
+    logits = torch.randn(2, 3, 2, 6, generator=generator)
+    pseudo = torch.randint(0, 3, (2, 2, 6), generator=generator, dtype=torch.uint8)
+    loss = pseudo_label_loss(logits, pseudo, gamma=0.0, pixel_weights=mask_size_weights(masks, 1.0))
+
+    per_pixel = F.cross_entropy(logits, pseudo.long(), reduction="none")
+    per_mask = [per_pixel[b][masks[b] == m].mean() for b in range(2) for m in masks[b].unique().tolist()]
+    torch.testing.assert_close(loss, torch.stack(per_mask).mean())
+    assert not torch.allclose(loss, per_pixel.mean())
+
+
+def test_pixel_weights_ignore_unlabelled_pixels_and_keep_the_unweighted_loss_when_uniform():
+    generator = torch.Generator().manual_seed(6)
+    logits = torch.randn(1, 3, 3, 4, generator=generator)
+    pseudo = torch.randint(0, 3, (1, 3, 4), generator=generator, dtype=torch.uint8)
+    pseudo[0, 0] = 255
+    uniform = pseudo_label_loss(logits, pseudo, gamma=2.0, pixel_weights=torch.full((1, 3, 4), 7.0))
+    torch.testing.assert_close(uniform, pseudo_label_loss(logits, pseudo, gamma=2.0))
+    unlabelled_only = torch.ones(1, 3, 4)
+    unlabelled_only[0, 0] = 1000.0
+    torch.testing.assert_close(pseudo_label_loss(logits, pseudo, gamma=2.0, pixel_weights=unlabelled_only),
+                               pseudo_label_loss(logits, pseudo, gamma=2.0))
 
 
 # --- EMA ---
