@@ -7,8 +7,9 @@ issue's target is ≥ +5 points of pixel accuracy and ≥ +2 points of mIoU, at 
 
 Example:
   .venv/bin/python benchmarks/em_study.py --train /work/camvid-cache2/train.h5 --val /work/camvid-cache2/val.h5 \
-      --masks /work/camvid-cache2/masks --classes 11 --seeds 0,1,2 --work /work/em \
-      --recipe paper:learning_rate=0.005,min_share=0 --recipe slow:learning_rate=0.0005,min_share=0.6
+      --masks /work/camvid-cache2/masks_mean0.8 --classes 11 --seeds 0,1,2 --work /work/em \
+      --recipe default: --recipe round1:mask_weighting=0,learning_rate=0.0005 \
+      --recipe paper:learning_rate=0.005,min_share=0,teacher_fallback=false,mask_weighting=0,masks=MASKS_PSI04
 """
 
 from __future__ import annotations
