@@ -170,8 +170,12 @@ def pseudo_label_loss(logits: Tensor, pseudo: Tensor, gamma: float = 2.0, pixel_
     Weights come from the batch-mean softmax of the logits themselves (focal weighting against the
     classes that already dominate); unlabelled pixels (255) contribute 0 but still count in the mean.
     Optional B×H×W `pixel_weights` (e.g. mask_size_weights) are rescaled to mean 1 over the labelled pixels,
-    so they move weight between pixels without changing the loss scale.
+    so they move weight between pixels without changing the loss scale; a region whose pixels are only partly
+    labelled keeps only its labelled pixels' share of its weight.
     """
+    if pixel_weights is not None and pixel_weights.shape != pseudo.shape:
+        raise PipelineError(f"pseudo_label_loss: pixel weights of shape {tuple(pixel_weights.shape)} "
+                            f"for pseudo labels of shape {tuple(pseudo.shape)}")
     log_probabilities = F.log_softmax(logits, dim=1)
     weights = focal_class_weights(log_probabilities.detach().exp(), gamma)
     per_pixel = F.nll_loss(log_probabilities, pseudo.long(), weight=weights, ignore_index=IGNORE, reduction="none")

@@ -29,6 +29,10 @@ from pipeline.store.features import FeatureFile
 from pipeline.store.provenance import differences
 
 
+MAX_MASK_WEIGHTING = 2.0
+"""Largest |mask|^-w exponent accepted: beyond it a large mask's weight underflows float32 towards 0."""
+
+
 @dataclass(frozen=True)
 class FitSettings:
     """Everything `fit` needs; mirrors the CLI options and the `fit` section of params.yaml.
@@ -101,6 +105,9 @@ def run_fit(settings: FitSettings, progress: bool = True, stop_after_epochs: int
     started = time.perf_counter()
     if settings.classes < 2:
         raise PipelineError(f"--classes {settings.classes}: need at least 2 classes")
+    if not 0 <= settings.mask_weighting <= MAX_MASK_WEIGHTING:
+        raise PipelineError(f"--mask-weighting {settings.mask_weighting}: must lie in [0, {MAX_MASK_WEIGHTING}] "
+                            "(0 weighs every pixel alike, 1 every mask)")
     with FeatureFile(settings.features) as features:
         masks_provenance = mask_store.require_made_from(settings.masks, features.path, features.provenance)
         provenance = {"features": features.provenance, "masks": masks_provenance,

@@ -254,17 +254,19 @@ def test_pseudo_label_loss_is_weighted_ce_averaged_over_all_pixels():
 
 
 def test_mask_size_weights_give_every_region_the_same_total():
-    # Image 0: mask 1 has 1 pixel, mask 2 has 3, 2 pixels lie outside every mask; image 1: one mask of 6.
-    masks = torch.tensor([[[1, 2, 2, 2, 255, 255]], [[3, 3, 3, 3, 3, 3]]], dtype=torch.uint8)
+    # The same ids in both images: image 0 has mask 1 (1 pixel), mask 2 (3) and 2 pixels outside every mask;
+    # image 1 has mask 1 (4 pixels) and 2 outside. Regions are counted per image.
+    masks = torch.tensor([[[1, 2, 2, 2, 255, 255]], [[1, 1, 1, 1, 255, 255]]], dtype=torch.uint8)
     weights = mask_size_weights(masks, exponent=1.0)
-    torch.testing.assert_close(weights, torch.tensor([[[1, 1 / 3, 1 / 3, 1 / 3, 1 / 2, 1 / 2]], [[1 / 6] * 6]]))
+    torch.testing.assert_close(weights, torch.tensor([[[1, 1 / 3, 1 / 3, 1 / 3, 1 / 2, 1 / 2]],
+                                                      [[1 / 4, 1 / 4, 1 / 4, 1 / 4, 1 / 2, 1 / 2]]]))
     torch.testing.assert_close(mask_size_weights(masks, exponent=0.0), torch.ones(2, 1, 6))
     torch.testing.assert_close(mask_size_weights(masks, exponent=0.5)[0, 0, 1], torch.tensor(3 ** -0.5))
 
 
 def test_mask_weighted_loss_is_the_mean_over_masks_of_each_masks_mean_loss():
     generator = torch.Generator().manual_seed(5)
-    masks = torch.tensor([[[1, 1, 1, 1, 1, 2], [1, 1, 1, 1, 1, 2]], [[4, 4, 4, 4, 4, 4], [4, 4, 4, 4, 4, 5]]],
+    masks = torch.tensor([[[1, 1, 1, 1, 1, 2], [1, 1, 1, 1, 1, 2]], [[1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 1, 2]]],
                          dtype=torch.uint8)
     logits = torch.randn(2, 3, 2, 6, generator=generator)
     pseudo = torch.randint(0, 3, (2, 2, 6), generator=generator, dtype=torch.uint8)
@@ -283,6 +285,8 @@ def test_pixel_weights_ignore_unlabelled_pixels_and_keep_the_unweighted_loss_whe
     pseudo[0, 0] = 255
     uniform = pseudo_label_loss(logits, pseudo, gamma=2.0, pixel_weights=torch.full((1, 3, 4), 7.0))
     torch.testing.assert_close(uniform, pseudo_label_loss(logits, pseudo, gamma=2.0))
+    with pytest.raises(PipelineError, match=r"pixel weights of shape \(1, 3, 3\) for pseudo labels of shape \(1, 3, 4\)"):
+        pseudo_label_loss(logits, pseudo, pixel_weights=torch.ones(1, 3, 3))
     unlabelled_only = torch.ones(1, 3, 4)
     unlabelled_only[0, 0] = 1000.0
     torch.testing.assert_close(pseudo_label_loss(logits, pseudo, gamma=2.0, pixel_weights=unlabelled_only),
@@ -351,6 +355,23 @@ def test_step_flips_features_and_masks_together():
         assert torch.equal(value, flipped_outside.running.state_dict()[name])
     unflipped = PrimapsEM(init, config).step(clean, student, masks, torch.zeros(3, dtype=torch.bool))
     assert unflipped["loss"] != inside["loss"]
+
+
+def test_step_weighs_the_loss_by_mask_when_configured():
+    init = PlantedScenes(seed=8).confused_init()
+    clean, student, masks, _ = random_batch(8)
+    masks[0, 3:] = 1
+    no_flip = torch.zeros(3, dtype=torch.bool)
+    weighted = PrimapsEM(init, EMConfig(num_classes=K, mask_weighting=1.0))
+    size = tuple(masks.shape[-2:])
+    with torch.no_grad():
+        pseudo = em.e_step(upsample_logits(weighted.momentum(clean), size), masks, K)
+        expected = pseudo_label_loss(upsample_logits(weighted.running(student), size), pseudo,
+                                     pixel_weights=mask_size_weights(masks, 1.0))
+    loss = weighted.step(clean, student, masks, no_flip)["loss"]
+    assert loss == pytest.approx(expected.item(), rel=1e-5)
+    per_pixel = PrimapsEM(init, EMConfig(num_classes=K)).step(clean, student, masks, no_flip)["loss"]
+    assert per_pixel != pytest.approx(loss, rel=1e-3)
 
 
 def test_labelled_fraction_is_the_share_of_mask_pixels():

@@ -62,6 +62,10 @@ def test_fit_refuses_other_settings_and_foreign_masks(camvid, camvid_features, c
     run_fit(settings, progress=False)
     with pytest.raises(PipelineError, match=r"model\.pt: made with different settings: .*learning_rate"):
         run_fit(replace(settings, learning_rate=1e-3), progress=False)
+    with pytest.raises(PipelineError, match=r"model\.pt: made with different settings: .*mask_weighting"):
+        run_fit(replace(settings, mask_weighting=0.0), progress=False)
+    with pytest.raises(PipelineError, match=r"--mask-weighting -1\.0: must lie in \[0, 2\.0\]"):
+        run_fit(replace(settings, mask_weighting=-1.0, out=tmp_path / "negative.pt"), progress=False)
     other = other_backbone_features(camvid, tmp_path / "other.h5")
     with pytest.raises(PipelineError, match=r"camvid_val: masks were made from other features than .*other\.h5"):
         run_fit(replace(settings, features=other, out=tmp_path / "other.pt"), progress=False)
