@@ -133,8 +133,7 @@ def _score(prototypes: Prototypes, features: FeatureFile, class_names: list[str]
 def _score_crf(prototypes: Prototypes, features: FeatureFile, class_names: list[str], settings: EvaluateSettings,
                progress: bool) -> SegmentationEvaluator:
     evaluator = SegmentationEvaluator(len(class_names), prototypes.direction.shape[0], class_names)
-    weight = prototypes.weight().numpy()
-    tasks = [(str(settings.features), int(i), weight, settings.crf_params, len(class_names))
+    tasks = [(str(settings.features), int(i), prototypes, settings.crf_params, len(class_names))
              for i in features.valid_indices()]
     for counts in tqdm(parallel_unordered(_crf_confusion, tasks, settings.workers, settings.backend),
                        total=len(tasks), desc="evaluate + CRF", unit="img", disable=not progress, leave=False):
@@ -142,16 +141,16 @@ def _score_crf(prototypes: Prototypes, features: FeatureFile, class_names: list[
     return evaluator
 
 
-def _crf_confusion(features_path: str, index: int, weight: np.ndarray, crf: CRFParams, num_classes: int) -> np.ndarray:
+def _crf_confusion(features_path: str, index: int, prototypes: Prototypes, crf: CRFParams,
+                   num_classes: int) -> np.ndarray:
     """One image's clusters×classes counts after CRF refinement of θ_M's logits."""
-    with threadpool_limits(1):
+    with threadpool_limits(1), torch.no_grad():
         features = shared_feature_file(features_path)
         tokens = torch.from_numpy(features.flip_average_features(index).astype(np.float32))[None]
-        logits = torch.einsum("bhwc,kc->bkhw", tokens, torch.from_numpy(weight))
         size = (features.resolution, features.resolution)
-        log_probs = torch.log_softmax(upsample_logits(logits, size), dim=1)[0].numpy()
+        log_probs = torch.log_softmax(upsample_logits(prototypes(tokens), size), dim=1)[0].numpy()
         refined = dense_crf(features.crop(index), log_probs, crf).argmax(axis=0)
-        return confusion_matrix(refined, features.label(index), weight.shape[0], num_classes)
+        return confusion_matrix(refined, features.label(index), prototypes.direction.shape[0], num_classes)
 
 
 def _per_class_table(results: dict[str, Any], class_names: list[str]) -> str:
