@@ -27,6 +27,11 @@ from pipeline.store.checkpoints import load_checkpoint, require_matching_feature
 from pipeline.store.features import FeatureFile, shared_feature_file
 from pipeline.viz import save_cluster_share_figure, save_confusion_figure
 
+# Where the figures go inside the output directory; `report` copies them from there.
+FIGURES_DIRECTORY = "figures"
+CONFUSION_NAME = "confusion.png"
+CLUSTERS_NAME = "clusters.png"
+
 
 @dataclass(frozen=True)
 class EvaluateSettings:
@@ -97,17 +102,18 @@ def _summary(results: dict[str, Any], labelled: bool) -> dict[str, Any]:
 
 def _write_reports(out: Path, results: dict[str, Any], summary: dict[str, Any], class_names: list[str] | None,
                    features: Path) -> None:
-    figures = out / "figures"
+    figures = out / FIGURES_DIRECTORY
     figures.mkdir(parents=True, exist_ok=True)
     write_json_atomic(out / "metrics.json", summary)
     write_json_atomic(out / "details.json", results)
-    save_cluster_share_figure(figures / "clusters.png", {role: scores["cluster_share"] for role, scores in results.items()})
+    save_cluster_share_figure(figures / CLUSTERS_NAME, {role: scores["cluster_share"] for role, scores in results.items()})
     if class_names is None:
-        write_text_atomic(out / "per_class.md", f"No labels in {features}: no accuracy or IoU, see figures/clusters.png.\n")
+        write_text_atomic(out / "per_class.md",
+                          f"No labels in {features}: no accuracy or IoU, see {FIGURES_DIRECTORY}/{CLUSTERS_NAME}.\n")
         return
     write_text_atomic(out / "per_class.md", _per_class_table(results, class_names))
     final = results["primaps_em"].get("crf", results["primaps_em"]["no_crf"])
-    save_confusion_figure(figures / "confusion.png", np.array(final["confusion"]), class_names)
+    save_confusion_figure(figures / CONFUSION_NAME, np.array(final["confusion"]), class_names)
 
 
 def _score(prototypes: Prototypes, features: FeatureFile, class_names: list[str] | None, settings: EvaluateSettings,

@@ -18,12 +18,10 @@ from pathlib import Path
 from pipeline.errors import PipelineError
 from pipeline.store.atomic import atomic_path, write_text_atomic
 from pipeline.viz import definition_table_html, gallery_html, markdown_table_html
+from stages.evaluate import CLUSTERS_NAME, CONFUSION_NAME, FIGURES_DIRECTORY
 from stages.inspect import InspectSettings, run_inspect
 
 GALLERY_DIRECTORY = "gallery"
-FIGURES_DIRECTORY = "figures"
-CONFUSION_NAME = "confusion.png"
-CLUSTERS_NAME = "clusters.png"
 NO_METRICS = "<p class=\"note\">no labels: no metrics</p>"
 
 
@@ -94,13 +92,13 @@ def _metrics_sections(settings: ReportSettings) -> tuple[list[str], bool]:
 
 
 def _copied_figure(metrics: Path, out: Path, name: str, title: str) -> list[str]:
-    """Copy an `evaluate` figure (figures/NAME, or NAME in older outputs) beside the page and show it."""
-    for source in (metrics / FIGURES_DIRECTORY / name, metrics / name):
-        if source.exists():
-            with atomic_path(out / name) as temporary:
-                shutil.copyfile(source, temporary)
-            return [f'<h3>{escape(title)}</h3><img src="{name}" alt="{escape(title)}">']
-    return []
+    """Copy an `evaluate` figure beside the page and show it (nothing when `evaluate` did not draw it)."""
+    source = metrics / FIGURES_DIRECTORY / name
+    if not source.exists():
+        return []
+    with atomic_path(out / name) as temporary:
+        shutil.copyfile(source, temporary)
+    return [f'<h3>{escape(title)}</h3><img src="{name}" alt="{escape(title)}">']
 
 
 def _read_json(path: Path) -> dict | None:
