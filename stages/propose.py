@@ -81,8 +81,8 @@ def run_propose(settings: ProposeSettings, progress: bool = True) -> ProposeSumm
     """Compute (or finish computing) the masks of every image in the feature file."""
     started = time.perf_counter()
     with FeatureFile(settings.features) as features:
-        names = [features.names[index] for index in features.valid_indices()]
         indices = [int(index) for index in features.valid_indices()]
+        names = [features.names[index] for index in indices]
         params = primaps_params(settings, features.provenance["backbone_family"])
         center = dataset_mean_token(features) if params.center == "dataset_mean" else None
         provenance = {
