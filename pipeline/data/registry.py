@@ -10,12 +10,14 @@ from pipeline.data.camvid import CamVid
 from pipeline.data.cityscapes import Cityscapes
 from pipeline.data.cocostuff import CocoStuff27
 from pipeline.data.folder import ImageFolder
+from pipeline.data.labelled_folder import LabelledFolder
 from pipeline.data.potsdam import Potsdam3
 from pipeline.data.sample import SamplePhotos
 from pipeline.errors import PipelineError
 
 _READERS: dict[str, type[SegmentationDataset]] = {
     "folder": ImageFolder,
+    "labelled_folder": LabelledFolder,
     "sample": SamplePhotos,
     "camvid": CamVid,
     "cityscapes": Cityscapes,
