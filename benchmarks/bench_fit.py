@@ -7,7 +7,7 @@ Where an epoch's time goes is measured by wrapping the stage's functions while t
 code is not edited):
 - waiting for data: the main thread blocked on the prefetch thread; the prefetch thread's own time
   (`_read_batch`: HDF5 reads + mask PNG decode, the decode also shown alone) overlaps training;
-- step preamble: flips and device transfer at the start of `PrimapsEM.step`;
+- step preamble: device transfer at the start of `PrimapsEM.step`;
 - E-step: θ_M logits + upsample + argmax + majority vote (from the first prototype forward to `majority_vote`'s
   return);
 - M-step: θ_R logits + upsample + focal loss + backward + Adam (+ the EMA every 10 steps), the rest of the step;

@@ -52,7 +52,8 @@ def main() -> None:
 
 @main.command()
 @params_option
-@click.option("--dataset", required=True, help="Reader: folder, sample, camvid, cityscapes, cocostuff27, potsdam3.")
+@click.option("--dataset", required=True,
+              help="Reader: folder, labelled_folder, sample, camvid, cityscapes, cocostuff27, potsdam3.")
 @click.option("--root", type=click.Path(file_okay=False), default=None, help="Dataset root (not needed for `sample`).")
 @click.option("--split", default="train", help="Dataset split (train, val, ...).")
 @click.option("--backbone", default="dinov2_vits14_imgfocus", help="Backbone registry name.")
@@ -61,6 +62,8 @@ def main() -> None:
 @click.option("--resolution", type=int, default=None,
               help="Crop size R (shorter side → R, centre crop). Default: 320 for /8 and /16, 322 for /14.")
 @click.option("--views", type=int, default=0, help="Photometrically augmented views per image cached for EM.")
+@click.option("--mirror-views/--no-mirror-views", default=True,
+              help="Take every second view (1, 3, ...) of the mirrored image (the reference's flip augmentation).")
 @click.option("--flip-average/--no-flip-average", default=False, help="Also cache flip-averaged tokens (evaluation).")
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="Output HDF5 file.")
 @click.option("--batch-size", type=int, default=8)
@@ -68,6 +71,8 @@ def main() -> None:
 @click.option("--seed", type=int, default=0, help="Seed of the augmented views.")
 @click.option("--max-images", type=int, default=None, help="Use only the first N images (quick runs).")
 @click.option("--skip-bad", is_flag=True, help="Record unreadable images as skipped instead of stopping.")
+@click.option("--ignore-value", type=int, default=None,
+              help="labelled_folder only: the label value that marks void pixels (default 255).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing file made with other settings.")
 @click.option("--random-init", is_flag=True, hidden=True, help="Random backbone weights (tests and benchmarks).")
 def extract(**options) -> None:

@@ -221,7 +221,7 @@ class PrimapsEM:
     """One PriMaPs-EM fit: running θ_R, momentum θ_M, the Adam optimiser and the step and EMA counters.
 
     Construction seeds torch with config.seed so that a fit is reproducible on CPU; batch order and
-    flips are the caller's draws.
+    student views are the caller's draws.
     """
 
     def __init__(self, init_prototypes: np.ndarray, config: EMConfig, device: str | torch.device = "cpu") -> None:
@@ -245,16 +245,16 @@ class PrimapsEM:
             prototypes.direction.copy_(init)
         return prototypes.to(self.device)
 
-    def step(self, clean: Tensor, student: Tensor, masks: Tensor, flip: Tensor) -> dict[str, float]:
+    def step(self, clean: Tensor, student: Tensor, masks: Tensor) -> dict[str, float]:
         """One EM step on a batch: E-step pseudo labels from θ_M on `clean`, M-step Adam update of θ_R on `student`.
 
-        `flip` (B bools, drawn by the caller) mirrors features and masks of the chosen images alike.
-        Every `ema_every` steps θ_M follows θ_R.
+        `student` holds the tokens of an augmented view aligned with the crop (a view of the mirrored image
+        comes flipped back from the feature cache: mirroring cached tokens and masks together would change
+        nothing for a per-pixel linear model). Every `ema_every` steps θ_M follows θ_R.
         """
-        flip = flip.to(self.device).bool()
-        clean = _flip_where(clean.to(self.device, torch.float32), flip, dim=2)
-        student = _flip_where(student.to(self.device, torch.float32), flip, dim=2)
-        masks = _flip_where(masks.to(self.device), flip, dim=2)
+        clean = clean.to(self.device, torch.float32)
+        student = student.to(self.device, torch.float32)
+        masks = masks.to(self.device)
         size = tuple(masks.shape[-2:])
 
         with torch.no_grad():
@@ -299,8 +299,3 @@ class PrimapsEM:
         self.steps = int(state["steps"])
         self.ema_updates = int(state["ema_updates"])
 
-
-def _flip_where(tensor: Tensor, flip: Tensor, dim: int) -> Tensor:
-    """Mirror along `dim` the batch entries where `flip` is true."""
-    shape = (-1,) + (1,) * (tensor.ndim - 1)
-    return torch.where(flip.view(shape), tensor.flip(dim), tensor)

@@ -37,7 +37,11 @@ from pipeline.store.provenance import fingerprint
 
 @dataclass(frozen=True)
 class ExtractSettings:
-    """Everything `extract` needs; mirrors the CLI options and the `extract` section of params.yaml."""
+    """Everything `extract` needs; mirrors the CLI options and the `extract` section of params.yaml.
+
+    With `mirror_views` every second augmented view (views 1, 3, ...) is taken of the mirrored crop, so the EM
+    student sees the features of a genuinely different image, as the reference's flip augmentation gives it.
+    """
 
     dataset: str
     split: str
@@ -47,14 +51,20 @@ class ExtractSettings:
     weights: str | None = None
     resolution: int | None = None
     views: int = 0
+    mirror_views: bool = True
     flip_average: bool = False
     batch_size: int = 8
     device: str = "auto"
     seed: int = 0
     max_images: int | None = None
     skip_bad: bool = False
+    ignore_value: int | None = None
     overwrite: bool = False
     random_init: bool = False
+
+    def dataset_options(self) -> dict[str, int]:
+        """Reader-specific options: the void label value of a `labelled_folder` tree, when given."""
+        return {} if self.ignore_value is None else {"ignore": self.ignore_value}
 
 
 @dataclass
@@ -88,7 +98,8 @@ def run_extract(settings: ExtractSettings, progress: bool = True) -> ExtractSumm
     if resolution % spec.patch_size:
         raise PipelineError(
             f"--resolution {resolution} is not a multiple of {settings.backbone}'s patch size {spec.patch_size}")
-    dataset = open_dataset(settings.dataset, settings.root, settings.split, max_images=settings.max_images)
+    dataset = open_dataset(settings.dataset, settings.root, settings.split, max_images=settings.max_images,
+                           **settings.dataset_options())
     names = tuple(dataset.image_name(index) for index in range(len(dataset)))
     model, weights_id = build_backbone(settings.backbone, settings.weights, random_init=settings.random_init)
     augmentation = PhotometricAugmentation()
@@ -104,10 +115,12 @@ def run_extract(settings: ExtractSettings, progress: bool = True) -> ExtractSumm
         "std": list(IMAGENET_STD),
         "dataset": settings.dataset,
         "split": settings.split,
+        "dataset_options": settings.dataset_options(),
         "class_names": list(dataset.class_names) if dataset.class_names else None,
         "num_images": len(names),
         "images": fingerprint(names),
         "views": settings.views,
+        "mirrored_views": list(mirrored_views(settings)),
         "augmentation": asdict(augmentation) if settings.views else None,
         "augmentation_seed": settings.seed if settings.views else None,
         "flip_average": settings.flip_average,
@@ -119,6 +132,7 @@ def run_extract(settings: ExtractSettings, progress: bool = True) -> ExtractSumm
         grid=resolution // spec.patch_size,
         dim=spec.embed_dim,
         views=settings.views,
+        mirrored_views=mirrored_views(settings),
         flip_average=settings.flip_average,
         has_labels=dataset.has_labels,
     )
@@ -131,6 +145,11 @@ def run_extract(settings: ExtractSettings, progress: bool = True) -> ExtractSumm
     finally:
         writer.close()
     return ExtractSummary(Path(settings.out), len(names), extracted, skipped, time.perf_counter() - started)
+
+
+def mirrored_views(settings: ExtractSettings) -> tuple[bool, ...]:
+    """Which augmented views are of the mirrored crop: every second one when `mirror_views` is on."""
+    return tuple(settings.mirror_views and view % 2 == 1 for view in range(settings.views))
 
 
 def _extract_pending(
@@ -154,7 +173,8 @@ def _extract_pending(
                unit="img", desc=f"extract {settings.split}", disable=not progress, dynamic_ncols=True)
     with bar:
         for batch in _prefetch(dataset, starts, size, resolution, settings, augmentation):
-            clean, flip_average, views = _encode(model, batch, device, settings.flip_average)
+            clean, flip_average, views = _encode(model, batch, device, settings.flip_average,
+                                                 mirrored_views(settings))
             writer.write_batch(batch.start, batch.crops, clean, labels=batch.labels, flip_average=flip_average,
                                view_features=views, skipped=batch.errors)
             extracted += len(batch.crops)
@@ -195,26 +215,30 @@ def _load_batch(dataset: SegmentationDataset, start: int, size: int, resolution:
             errors.append(str(error))
             continue
         errors.append(None)
-        for view in range(settings.views):
+        for view, mirrored in enumerate(mirrored_views(settings)):
             rng = np.random.default_rng([settings.seed, index, view])
-            views[row, view] = photometric_view(crops[row], rng, augmentation)
+            source = crops[row, :, ::-1] if mirrored else crops[row]
+            views[row, view] = photometric_view(np.ascontiguousarray(source), rng, augmentation)
     return _Batch(start, crops, labels, views, errors)
 
 
 @torch.inference_mode()
-def _encode(model: ViT, batch: _Batch, device: torch.device,
-            flip_average: bool) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
-    """Tokens of the clean crops, optionally their flip average, and of every augmented view."""
+def _encode(model: ViT, batch: _Batch, device: torch.device, flip_average: bool,
+            mirrored: tuple[bool, ...]) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
+    """Tokens of the clean crops, optionally their flip average, and of every augmented view (those of
+    mirrored views flipped back onto the crop's token grid)."""
     clean = _forward(model, batch.crops, device)
     averaged = None
     if flip_average:
-        mirrored = _forward(model, np.ascontiguousarray(batch.crops[:, :, ::-1]), device)
-        averaged = (clean + mirrored[:, :, ::-1]) / 2
+        of_mirrored_crops = _forward(model, np.ascontiguousarray(batch.crops[:, :, ::-1]), device)
+        averaged = (clean + of_mirrored_crops[:, :, ::-1]) / 2
     views = None
     if batch.views is not None:
         count, view_count = batch.views.shape[:2]
         flat = batch.views.reshape(count * view_count, *batch.views.shape[2:])
         views = _forward(model, flat, device).reshape(count, view_count, *clean.shape[1:])
+        flipped = np.flatnonzero(mirrored)
+        views[:, flipped] = views[:, flipped, :, ::-1]
     return clean, averaged, views
 
 

@@ -3,7 +3,7 @@
 The backbone never runs here: clean and augmented-view tokens come from the feature file, masks from the
 mask store. Batches stream from HDF5 (a background thread reads the next one), so memory stays bounded by a
 batch. A checkpoint is written after every epoch; a rerun continues from it and ends exactly where an
-uninterrupted run would (per-epoch seeded shuffles and flips, saved optimiser state).
+uninterrupted run would (per-epoch seeded shuffles and view draws, saved optimiser state).
 """
 
 from __future__ import annotations
@@ -202,8 +202,8 @@ def _run_epoch(em: PrimapsEM, features: FeatureFile, settings: FitSettings, epoc
     order = np.random.default_rng([settings.seed, epoch]).permutation(features.valid_indices())
     batches = [order[start:start + settings.batch_size] for start in range(0, len(order), settings.batch_size)]
     losses, labelled = [], []
-    for clean, student, masks, flip in _prefetch(features, settings, epoch, batches):
-        stats = em.step(clean, student, masks, flip)
+    for clean, student, masks in _prefetch(features, settings, epoch, batches):
+        stats = em.step(clean, student, masks)
         losses.append(stats["loss"])
         labelled.append(stats["labelled_fraction"])
         bar.set_postfix(epoch=f"{epoch + 1}/{settings.epochs}", loss=f"{stats['loss']:.4f}",
@@ -216,13 +216,13 @@ def _prefetch(features: FeatureFile, settings: FitSettings, epoch: int,
               batches: list[np.ndarray]) -> Iterator[tuple[torch.Tensor, ...]]:
     """Read batch i+1 from HDF5 in a background thread while batch i trains."""
     rng = np.random.default_rng([settings.seed, epoch, 1])
-    draws = [(rng.integers(0, max(features.views, 1), len(batch)), rng.random(len(batch)) < 0.5) for batch in batches]
+    draws = [rng.integers(0, max(features.views, 1), len(batch)) for batch in batches]
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="fit-read") as pool:
         pending = None
         for position in range(len(batches) + 1):
             following = None
             if position < len(batches):
-                following = pool.submit(_read_batch, features, settings.masks, batches[position], *draws[position],
+                following = pool.submit(_read_batch, features, settings.masks, batches[position], draws[position],
                                         settings.augmented_student)
             if pending is not None:
                 yield pending.result()
@@ -230,7 +230,7 @@ def _prefetch(features: FeatureFile, settings: FitSettings, epoch: int,
 
 
 def _read_batch(features: FeatureFile, masks: Path, batch: np.ndarray, views: np.ndarray,
-                flips: np.ndarray, augmented_student: bool) -> tuple[torch.Tensor, ...]:
+                augmented_student: bool) -> tuple[torch.Tensor, ...]:
     clean = np.stack([features.features(int(index)) for index in batch]).astype(np.float32)
     if features.views and augmented_student:
         student = np.stack([features.view_features(int(index), int(view))
@@ -238,7 +238,7 @@ def _read_batch(features: FeatureFile, masks: Path, batch: np.ndarray, views: np
     else:
         student = clean
     mask_maps = np.stack([mask_store.read_mask(masks, features.names[int(index)]) for index in batch])
-    return torch.from_numpy(clean), torch.from_numpy(student), torch.from_numpy(mask_maps), torch.from_numpy(flips)
+    return torch.from_numpy(clean), torch.from_numpy(student), torch.from_numpy(mask_maps)
 
 
 def _save(path: Path, settings: FitSettings, provenance: dict[str, Any], init: np.ndarray, em: PrimapsEM,

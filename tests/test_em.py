@@ -80,8 +80,7 @@ def random_batch(seed: int, size: int = 3):
     student = clean + 0.3 * torch.randn(clean.shape, generator=generator)
     masks = torch.randint(1, 6, (size, 20, 24), generator=generator, dtype=torch.uint8)
     masks[:, :3] = 255
-    flip = torch.rand(size, generator=generator) < 0.5
-    return clean, student, masks, flip
+    return clean, student, masks
 
 
 # --- prototypes and upsampling ---
@@ -328,8 +327,7 @@ def test_momentum_stays_at_init_until_the_first_ema_update_copies_running():
     model = PrimapsEM(init, EMConfig(num_classes=K, ema_every=10))
     initial = model.momentum.state_dict()
     for step in range(10):
-        clean, student, masks, flip = random_batch(step)
-        model.step(clean, student, masks, flip)
+        model.step(*random_batch(step))
         if step < 9:
             for name, value in model.momentum.state_dict().items():
                 assert torch.equal(value, initial[name])
@@ -338,46 +336,26 @@ def test_momentum_stays_at_init_until_the_first_ema_update_copies_running():
         assert torch.equal(value, model.running.state_dict()[name])
 
 
-def test_step_flips_features_and_masks_together():
-    init = PlantedScenes(seed=6).confused_init()
-    config = EMConfig(num_classes=K, ema_every=1)
-    flipped_inside, flipped_outside = PrimapsEM(init, config), PrimapsEM(init, config)
-    clean, student, masks, _ = random_batch(6)
-    flip = torch.tensor([True, False, True])
-
-    def mirror(tensor, dim):
-        return torch.stack([t.flip(dim - 1) if f else t for t, f in zip(tensor, flip)])
-
-    inside = flipped_inside.step(clean, student, masks, flip)
-    outside = flipped_outside.step(mirror(clean, 2), mirror(student, 2), mirror(masks, 2), torch.zeros(3, dtype=torch.bool))
-    assert inside == outside
-    for name, value in flipped_inside.running.state_dict().items():
-        assert torch.equal(value, flipped_outside.running.state_dict()[name])
-    unflipped = PrimapsEM(init, config).step(clean, student, masks, torch.zeros(3, dtype=torch.bool))
-    assert unflipped["loss"] != inside["loss"]
-
-
 def test_step_weighs_the_loss_by_mask_when_configured():
     init = PlantedScenes(seed=8).confused_init()
-    clean, student, masks, _ = random_batch(8)
+    clean, student, masks = random_batch(8)
     masks[0, 3:] = 1
-    no_flip = torch.zeros(3, dtype=torch.bool)
     weighted = PrimapsEM(init, EMConfig(num_classes=K, mask_weighting=1.0))
     size = tuple(masks.shape[-2:])
     with torch.no_grad():
         pseudo = em.e_step(upsample_logits(weighted.momentum(clean), size), masks, K)
         expected = pseudo_label_loss(upsample_logits(weighted.running(student), size), pseudo,
                                      pixel_weights=mask_size_weights(masks, 1.0))
-    loss = weighted.step(clean, student, masks, no_flip)["loss"]
+    loss = weighted.step(clean, student, masks)["loss"]
     assert loss == pytest.approx(expected.item(), rel=1e-5)
-    per_pixel = PrimapsEM(init, EMConfig(num_classes=K)).step(clean, student, masks, no_flip)["loss"]
+    per_pixel = PrimapsEM(init, EMConfig(num_classes=K)).step(clean, student, masks)["loss"]
     assert per_pixel != pytest.approx(loss, rel=1e-3)
 
 
 def test_labelled_fraction_is_the_share_of_mask_pixels():
-    clean, student, masks, flip = random_batch(7)
+    clean, student, masks = random_batch(7)
     model = PrimapsEM(PlantedScenes(seed=7).confused_init(), EMConfig(num_classes=K))
-    result = model.step(clean, student, masks, flip)
+    result = model.step(clean, student, masks)
     assert result["labelled_fraction"] == pytest.approx((masks != 255).float().mean().item())
 
 
@@ -389,7 +367,7 @@ def test_em_on_planted_clusters_reaches_95_percent_from_a_poor_init():
     for _ in range(80):
         features, masks, _ = scenes.batch(8)
         student = features + 0.15 * torch.from_numpy(scenes.rng.normal(size=features.shape)).float()
-        model.step(features, student, masks, torch.from_numpy(scenes.rng.random(8) < 0.5))
+        model.step(features, student, masks)
     final = accuracy(model, test_features, test_labels)
     assert initial < 90.0
     assert final >= 95.0

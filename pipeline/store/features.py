@@ -8,7 +8,9 @@ Layout (N images, crop R×R, token grid g×g, feature dim C, V augmented views):
 - ``features``     (N,g,g,C) f16   last-block patch tokens after the final LayerNorm, clean view
 - ``features_flip_average`` (N,g,g,C) f16   mean of the clean tokens and the flipped-back tokens of the
   mirrored image (evaluation protocol; only with ``--flip-average``)
-- ``view_features`` (N,V,g,g,C) f16 tokens of V seeded photometric views (EM student; only with ``--views``)
+- ``view_features`` (N,V,g,g,C) f16 tokens of V seeded photometric views (EM student; only with ``--views``).
+  A view marked in ``view_mirrored`` (V,) bool was taken of the horizontally mirrored crop and its tokens are
+  stored flipped back, so every view lines up with the crop, its labels and its masks token for token.
 - ``done``         (N,) bool       per-image completion flags, flushed after the data (resume)
 - ``skipped``      (N,) bool and ``errors`` (N,) utf-8: images that could not be read (``--skip-bad``)
 
@@ -46,6 +48,7 @@ class FeatureLayout:
     grid: int
     dim: int
     views: int = 0
+    mirrored_views: tuple[bool, ...] = ()
     flip_average: bool = False
     has_labels: bool = False
 
@@ -104,6 +107,8 @@ class FeatureFileWriter:
             handle.create_dataset("features_flip_average", (count, g, g, c), np.float16, chunks=(1, g, g, c))
         if layout.views:
             handle.create_dataset("view_features", (count, layout.views, g, g, c), np.float16, chunks=(1, 1, g, g, c))
+            mirrored = layout.mirrored_views or (False,) * layout.views
+            handle.create_dataset("view_mirrored", data=np.array(mirrored, dtype=bool))
         handle.create_dataset("done", (count,), bool)
         handle.create_dataset("skipped", (count,), bool)
         handle.create_dataset("errors", (count,), _STRINGS)
@@ -182,6 +187,8 @@ class FeatureFile:
         self.dim: int = shape[3]
         self.resolution: int = self._handle["crops"].shape[1]
         self.views: int = self._handle["view_features"].shape[1] if "view_features" in self._handle else 0
+        self.mirrored_views: np.ndarray = (self._handle["view_mirrored"][:] if "view_mirrored" in self._handle
+                                           else np.zeros(self.views, bool))
         self.has_labels: bool = "labels" in self._handle
         self.has_flip_average: bool = "features_flip_average" in self._handle
 
@@ -210,6 +217,7 @@ class FeatureFile:
         return self._handle[name][index]
 
     def view_features(self, index: int, view: int) -> np.ndarray:
+        """Tokens of an augmented view, g×g×C float16, aligned with the crop (mirrored views flipped back)."""
         return self._handle["view_features"][index, view]
 
     def close(self) -> None:
