@@ -16,12 +16,12 @@ from typing import Any
 import numpy as np
 import torch
 from threadpoolctl import threadpool_limits
-from tqdm import tqdm
 
 from pipeline.crf import CRFParams, dense_crf
 from pipeline.em import Prototypes, upsample_logits
 from pipeline.metrics import SegmentationEvaluator, confusion_matrix
 from pipeline.parallel import parallel_unordered
+from pipeline.progress import progress_bar
 from pipeline.store.atomic import write_json_atomic, write_text_atomic
 from pipeline.store.checkpoints import load_checkpoint, require_matching_features
 from pipeline.store.features import FeatureFile, shared_feature_file
@@ -124,8 +124,8 @@ def _score(prototypes: Prototypes, features: FeatureFile, class_names: list[str]
     usage = np.zeros(clusters, np.int64)
     indices = features.valid_indices()
     size = (features.resolution, features.resolution)
-    for start in tqdm(range(0, len(indices), settings.batch_size), desc="evaluate", unit="batch",
-                      disable=not progress, leave=False):
+    for start in progress_bar(range(0, len(indices), settings.batch_size), desc="evaluate", unit="batch",
+                              enabled=progress, leave=False):
         batch = indices[start:start + settings.batch_size]
         tokens = torch.from_numpy(np.stack([features.flip_average_features(int(i)) for i in batch]).astype(np.float32))
         with torch.no_grad():
@@ -141,8 +141,8 @@ def _score_crf(prototypes: Prototypes, features: FeatureFile, class_names: list[
     evaluator = SegmentationEvaluator(len(class_names), prototypes.direction.shape[0], class_names)
     tasks = [(str(settings.features), int(i), prototypes, settings.crf_params, len(class_names))
              for i in features.valid_indices()]
-    for counts in tqdm(parallel_unordered(_crf_confusion, tasks, settings.workers, settings.backend),
-                       total=len(tasks), desc="evaluate + CRF", unit="img", disable=not progress, leave=False):
+    for counts in progress_bar(parallel_unordered(_crf_confusion, tasks, settings.workers, settings.backend),
+                               total=len(tasks), desc="evaluate + CRF", unit="img", enabled=progress, leave=False):
         evaluator.counts += counts
     return evaluator
 

@@ -14,7 +14,6 @@ from typing import Iterator
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from pipeline import __version__
 from pipeline.backbones import ViT, build_backbone, get_spec
@@ -31,6 +30,7 @@ from pipeline.data import (
 )
 from pipeline.device import resolve_device
 from pipeline.errors import PipelineError
+from pipeline.progress import progress_bar
 from pipeline.store.features import FeatureFileWriter, FeatureLayout
 from pipeline.store.provenance import fingerprint
 
@@ -169,8 +169,8 @@ def _extract_pending(
     device = resolve_device(settings.device)
     model = model.to(device)
     extracted = skipped = 0
-    bar = tqdm(total=len(done), initial=len(done) - sum(min(size, len(done) - s) for s in starts),
-               unit="img", desc=f"extract {settings.split}", disable=not progress, dynamic_ncols=True)
+    bar = progress_bar(total=len(done), initial=len(done) - sum(min(size, len(done) - s) for s in starts),
+                       unit="img", desc=f"extract {settings.split}", enabled=progress)
     with bar:
         for batch in _prefetch(dataset, starts, size, resolution, settings, augmentation):
             clean, flip_average, views = _encode(model, batch, device, settings.flip_average,

@@ -15,10 +15,10 @@ from typing import Any
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from pipeline.em import Prototypes, e_step, upsample_logits
 from pipeline.errors import PipelineError
+from pipeline.progress import progress_bar
 from pipeline.store import masks as mask_store
 from pipeline.store.atomic import write_text_atomic
 from pipeline.store.checkpoints import load_checkpoint, require_matching_features
@@ -92,7 +92,7 @@ def run_inspect(settings: InspectSettings, progress: bool = True) -> InspectSumm
         chosen = choose_images(features, settings.masks, settings.images, settings.sample, settings.seed)
         class_names = features.provenance.get("class_names") if features.has_labels else None
         figures = []
-        for index in tqdm(chosen, desc="inspect", unit="img", disable=not progress, leave=False):
+        for index in progress_bar(chosen, desc="inspect", unit="img", enabled=progress, leave=False):
             name = features.names[index]
             mask_map = mask_store.read_mask(settings.masks, name)
             relative = f"{name}.png"

@@ -18,7 +18,6 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image
-from tqdm import tqdm
 
 from pipeline import __version__
 from pipeline.backbones import ViT, build_backbone
@@ -29,6 +28,7 @@ from pipeline.data.base import image_size, read_rgb_image
 from pipeline.device import resolve_device
 from pipeline.em import Prototypes, upsample_logits
 from pipeline.errors import PipelineError
+from pipeline.progress import progress_bar
 from pipeline.store.atomic import write_json_atomic
 from pipeline.store.checkpoints import load_checkpoint
 from pipeline.viz import overlay, palette, save_png
@@ -95,7 +95,7 @@ def run_predict(settings: PredictSettings, progress: bool = True) -> PredictSumm
     colours = palette(prototypes.direction.shape[0])
     crf = settings.crf_params if settings.crf else None
     outputs = {}
-    for path, stem in tqdm(list(zip(settings.images, stems)), desc="predict", unit="img", disable=not progress):
+    for path, stem in progress_bar(list(zip(settings.images, stems)), desc="predict", unit="img", enabled=progress):
         image = np.asarray(read_rgb_image(Path(path)), dtype=np.uint8)
         clusters = segment(image, backbone, prototypes, int(fitted["resolution"]), crf, device)
         save_png(settings.out / f"{stem}.png", clusters)

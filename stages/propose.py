@@ -15,13 +15,13 @@ from pathlib import Path
 
 import numpy as np
 from threadpoolctl import threadpool_limits
-from tqdm import tqdm
 
 from pipeline import __version__
 from pipeline.crf import CRFParams
 from pipeline.errors import PipelineError
 from pipeline.parallel import parallel_unordered
 from pipeline.primaps import PrimapsParams, proposal_map
+from pipeline.progress import progress_bar
 from pipeline.store import masks as mask_store
 from pipeline.store.features import FeatureFile, shared_feature_file
 from pipeline.store.masks import MaskRecord
@@ -98,8 +98,8 @@ def run_propose(settings: ProposeSettings, progress: bool = True) -> ProposeSumm
     tasks = [(str(settings.features), index, name, str(settings.out), params, settings.crf, center,
               settings.timeout) for index, name in pending]
     appender = mask_store.IndexAppender(settings.out)
-    bar = tqdm(total=len(names), initial=len(names) - len(pending), unit="img", desc="propose",
-               disable=not progress, dynamic_ncols=True)
+    bar = progress_bar(total=len(names), initial=len(names) - len(pending), unit="img", desc="propose",
+                       enabled=progress)
     try:
         with bar:
             for record in _run_tasks(tasks, settings):
