@@ -38,6 +38,25 @@ def _load_params(ctx: click.Context, parameter: click.Parameter, value: str | No
     ctx.default_map = {**(ctx.default_map or {}), **settings}
 
 
+class _OrWord(click.ParamType):
+    """A value of another click type, or one reserved word (`auto`, `none`, `all`) that stands for "not set".
+
+    params.yaml spells unset settings with these words rather than YAML null, which `dvc exp run -S` rewrites.
+    """
+
+    def __init__(self, inner: click.ParamType, word: str) -> None:
+        self.inner, self.word = inner, word
+        self.name = f"{inner.name}|{word}"
+
+    def convert(self, value, parameter, ctx):
+        if value is None or (isinstance(value, str) and value.strip().lower() == self.word):
+            return None
+        return self.inner.convert(value, parameter, ctx)
+
+    def get_metavar(self, parameter, ctx=None) -> str:
+        return f"[{self.inner.name.upper()}|{self.word}]"
+
+
 params_option = click.option(
     "--params", metavar="FILE[:SECTION]", is_eager=True, expose_value=False, callback=_load_params,
     help="Take option defaults from a params.yaml section (default section: the command name).")
@@ -54,12 +73,13 @@ def main() -> None:
 @params_option
 @click.option("--dataset", required=True,
               help="Reader: folder, labelled_folder, sample, camvid, cityscapes, cocostuff27, potsdam3.")
-@click.option("--root", type=click.Path(file_okay=False), default=None, help="Dataset root (not needed for `sample`).")
+@click.option("--root", type=_OrWord(click.Path(file_okay=False), "none"), default="none",
+              help="Dataset root (not needed for `sample`).")
 @click.option("--split", default="train", help="Dataset split (train, val, ...).")
 @click.option("--backbone", default="dinov2_vits14_imgfocus", help="Backbone registry name.")
-@click.option("--weights", type=click.Path(dir_okay=False, exists=True), default=None,
+@click.option("--weights", type=_OrWord(click.Path(dir_okay=False, exists=True), "none"), default="none",
               help="Local official checkpoint (.pth) for DINO / DINOv2 backbones.")
-@click.option("--resolution", type=int, default=None,
+@click.option("--resolution", type=_OrWord(click.INT, "auto"), default="auto",
               help="Crop size R (shorter side → R, centre crop). Default: 320 for /8 and /16, 322 for /14.")
 @click.option("--views", type=int, default=0, help="Photometrically augmented views per image cached for EM.")
 @click.option("--mirror-views/--no-mirror-views", default=True,
@@ -69,10 +89,11 @@ def main() -> None:
 @click.option("--batch-size", type=int, default=8)
 @click.option("--device", type=click.Choice(DEVICE_CHOICES), default="auto")
 @click.option("--seed", type=int, default=0, help="Seed of the augmented views.")
-@click.option("--max-images", type=int, default=None, help="Use only the first N images (quick runs).")
+@click.option("--max-images", type=_OrWord(click.INT, "all"), default="all",
+              help="Use only the first N images (quick runs).")
 @click.option("--skip-bad", is_flag=True, help="Record unreadable images as skipped instead of stopping.")
-@click.option("--ignore-value", type=int, default=None,
-              help="labelled_folder only: the label value that marks void pixels (default 255).")
+@click.option("--ignore-value", type=_OrWord(click.INT, "auto"), default="auto",
+              help="labelled_folder only: the label value that marks void pixels (auto: 255).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing file made with other settings.")
 @click.option("--random-init", is_flag=True, hidden=True, help="Random backbone weights (tests and benchmarks).")
 def extract(**options) -> None:
@@ -87,9 +108,9 @@ def extract(**options) -> None:
 @params_option
 @click.option("--features", required=True, type=click.Path(dir_okay=False), help="Feature file from `extract`.")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Mask directory (PNGs + index).")
-@click.option("--psi", type=float, default=None,
+@click.option("--psi", type=_OrWord(click.FLOAT, "auto"), default="auto",
               help="Cosine threshold ψ (fraction of the best match). Default: 0.8 for DINOv2, 0.4 for DINO.")
-@click.option("--center", type=click.Choice(["none", "dataset_mean"]), default=None,
+@click.option("--center", type=click.Choice(["auto", "none", "dataset_mean"]), default="auto",
               help="Subtract the split's mean token before PCA and cosine (none = the paper's rule). "
                    "Default: dataset_mean for DINOv2, none for DINO.")
 @click.option("--stop-fraction", type=float, default=0.95, help="Stop once this fraction of tokens is assigned.")
@@ -108,7 +129,7 @@ def propose(features, out, psi, center, stop_fraction, crf, crf_iterations, work
 
     settings = ProposeSettings(
         features=Path(features), out=Path(out),
-        psi=psi, center=center, stop_fraction=stop_fraction,
+        psi=psi, center=None if center == "auto" else center, stop_fraction=stop_fraction,
         crf=CRFParams(iterations=crf_iterations) if crf else None,
         workers=workers, backend=backend, scheduler=scheduler, timeout=timeout, overwrite=overwrite)
     summary = run_propose(settings)
@@ -127,6 +148,9 @@ def propose(features, out, psi, center, stop_fraction, crf, crf_iterations, work
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="Output model checkpoint.")
 @click.option("--baseline-out", type=click.Path(dir_okay=False), default=None,
               help="Baseline (initialisation) checkpoint. Default: <out stem>.baseline.pt beside --out.")
+@click.option("--history-out", type=click.Path(dir_okay=False), default=None,
+              help="Per-epoch loss history (JSON, and its curves as a PNG beside it). "
+                   "Default: <out stem>.history.json beside --out.")
 @click.option("--epochs", type=int, default=10)
 @click.option("--batch-size", type=int, default=32)
 @click.option("--learning-rate", type=float, default=2e-3, help="Adam learning rate (the paper: 5e-3).")
@@ -150,7 +174,7 @@ def fit(**options) -> None:
     """Fit the Baseline and PriMaPs-EM prototypes from cached features and masks (resumable)."""
     from stages.fit import FitSettings, run_fit
 
-    for key in ("features", "masks", "out", "baseline_out"):
+    for key in ("features", "masks", "out", "baseline_out", "history_out"):
         options[key] = Path(options[key]) if options[key] else None
     click.echo(run_fit(FitSettings(**options)).line())
 

@@ -69,6 +69,22 @@ def save_cluster_share_figure(path: str | Path, shares: dict[str, Sequence[float
     _save_figure(figure, path)
 
 
+def save_history_figure(path: str | Path, history: Sequence[dict[str, float]]) -> None:
+    """A fit's loss and pseudo-labelled share per epoch, side by side (an image plot DVC shows offline)."""
+    epochs = [row["epoch"] for row in history]
+    figure, (loss_axes, share_axes) = plt.subplots(1, 2, figsize=(8, 3))
+    loss_axes.plot(epochs, [row["loss"] for row in history], marker="o")
+    loss_axes.set_xlabel("epoch")
+    loss_axes.set_ylabel("M-step loss")
+    share_axes.plot(epochs, [100 * row["labelled_fraction"] for row in history], marker="o", color="tab:green")
+    share_axes.set_xlabel("epoch")
+    share_axes.set_ylabel("% pixels pseudo-labelled")
+    for axes in (loss_axes, share_axes):
+        axes.grid(alpha=0.3)
+    figure.tight_layout()
+    _save_figure(figure, path)
+
+
 def _save_figure(figure: plt.Figure, path: str | Path) -> None:
     with atomic_path(path) as temporary:
         figure.savefig(temporary, format="png", dpi=110)

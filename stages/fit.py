@@ -20,13 +20,15 @@ from tqdm import tqdm
 
 from pipeline import __version__
 from pipeline.device import resolve_device
-from pipeline.em import EMConfig, PrimapsEM, pca_directions, spherical_kmeans
+from pipeline.em import EMConfig, PrimapsEM, faiss_gpus, pca_directions, spherical_kmeans
 from pipeline.errors import PipelineError
+from pipeline.progress import progress_bar
 from pipeline.store import masks as mask_store
 from pipeline.store.atomic import write_json_atomic
 from pipeline.store.checkpoints import load_checkpoint, save_checkpoint
 from pipeline.store.features import FeatureFile
 from pipeline.store.provenance import differences
+from pipeline.viz import save_history_figure
 
 
 MAX_MASK_WEIGHTING = 2.0
@@ -48,6 +50,7 @@ class FitSettings:
     classes: int
     out: Path
     baseline_out: Path | None = None
+    history_out: Path | None = None
     epochs: int = 10
     batch_size: int = 32
     learning_rate: float = 2e-3
@@ -67,7 +70,7 @@ class FitSettings:
     def recipe(self) -> dict[str, Any]:
         """The settings that change the result (paths, device and overwrite do not)."""
         recipe = asdict(self)
-        for key in ("features", "masks", "out", "baseline_out", "device", "overwrite"):
+        for key in ("features", "masks", "out", "baseline_out", "history_out", "device", "overwrite"):
             recipe.pop(key)
         return recipe
 
@@ -93,8 +96,14 @@ def baseline_path(settings: FitSettings) -> Path:
 
 
 def history_path(settings: FitSettings) -> Path:
-    """Per-epoch loss and pseudo-label coverage as JSON (for `dvc plots`)."""
-    return settings.out.with_name(settings.out.stem + ".history.json")
+    """Per-epoch loss and pseudo-label coverage as JSON; the same curves as a PNG beside it (`dvc plots`)."""
+    return settings.history_out or settings.out.with_name(settings.out.stem + ".history.json")
+
+
+def _write_history(settings: FitSettings, history: list[dict[str, float]]) -> None:
+    path = history_path(settings)
+    write_json_atomic(path, history)
+    save_history_figure(path.with_suffix(".png"), history)
 
 
 def run_fit(settings: FitSettings, progress: bool = True, stop_after_epochs: int | None = None) -> FitSummary:
@@ -117,8 +126,8 @@ def run_fit(settings: FitSettings, progress: bool = True, stop_after_epochs: int
         if existing is not None and existing.get("complete"):
             return FitSummary(settings.out, 0, existing["history"][-1]["loss"],
                               existing["history"][-1]["labelled_fraction"], time.perf_counter() - started)
-        init = _baseline(settings, features)
         device = resolve_device(settings.device)
+        init = _baseline(settings, features, gpu=device.type == "cuda" and faiss_gpus() > 0)
         config = EMConfig(num_classes=settings.classes, learning_rate=settings.learning_rate,
                           ema_every=settings.ema_every, ema_max_decay=settings.ema_max_decay, gamma=settings.gamma,
                           min_share=settings.min_share, teacher_fallback=settings.teacher_fallback,
@@ -130,13 +139,13 @@ def run_fit(settings: FitSettings, progress: bool = True, stop_after_epochs: int
             history = list(existing["history"])
         last_epoch = settings.epochs if stop_after_epochs is None else min(settings.epochs, len(history) + stop_after_epochs)
         batches_per_epoch = -(-len(features.valid_indices()) // settings.batch_size)
-        bar = tqdm(total=settings.epochs * batches_per_epoch, initial=len(history) * batches_per_epoch, desc="fit",
-                   unit="batch", disable=not progress, dynamic_ncols=True)
+        bar = progress_bar(total=settings.epochs * batches_per_epoch, initial=len(history) * batches_per_epoch,
+                           desc="fit", unit="batch", enabled=progress)
         with bar:
             for epoch in range(len(history), last_epoch):
                 history.append(_run_epoch(em, features, settings, epoch, bar))
                 _save(partial, settings, provenance, init, em, history, complete=False)
-                write_json_atomic(history_path(settings), history)
+                _write_history(settings, history)
     epochs_run = last_epoch - (len(existing["history"]) if existing else 0)
     if len(history) == settings.epochs:
         _save(settings.out, settings, provenance, init, em, history, complete=True)
@@ -162,8 +171,9 @@ def _existing_run(settings: FitSettings, partial: Path, provenance: dict[str, An
     return None
 
 
-def _baseline(settings: FitSettings, features: FeatureFile) -> np.ndarray:
-    """PCA of a seeded token subsample → spherical k-means: the paper's Baseline, saved as its own model.
+def _baseline(settings: FitSettings, features: FeatureFile, gpu: bool = False) -> np.ndarray:
+    """PCA of a seeded token subsample → spherical k-means (on faiss-gpu when `gpu`): the paper's Baseline,
+    saved as its own model.
 
     It depends on the features and the init recipe only, so fits on other masks reuse it.
     """
@@ -174,7 +184,8 @@ def _baseline(settings: FitSettings, features: FeatureFile) -> np.ndarray:
         if not differences(checkpoint["recipe"], settings.init_recipe()) and not differences(checkpoint["provenance"], provenance):
             return checkpoint["init"].numpy()
     sample = sample_tokens(features, settings.init_samples, settings.seed)
-    init = spherical_kmeans(sample, pca_directions(sample, settings.classes), settings.kmeans_iterations, settings.seed)
+    init = spherical_kmeans(sample, pca_directions(sample, settings.classes), settings.kmeans_iterations, settings.seed,
+                            gpu=gpu)
     init_tensor = torch.as_tensor(init, dtype=torch.float32)
     prototypes = {"direction": init_tensor, "gain": torch.ones(settings.classes)}
     save_checkpoint(path, {
@@ -198,7 +209,8 @@ def sample_tokens(features: FeatureFile, count: int, seed: int) -> np.ndarray:
     return np.concatenate(rows)
 
 
-def _run_epoch(em: PrimapsEM, features: FeatureFile, settings: FitSettings, epoch: int, bar: tqdm) -> dict[str, float]:
+def _run_epoch(em: PrimapsEM, features: FeatureFile, settings: FitSettings, epoch: int,
+               bar: tqdm) -> dict[str, float]:
     order = np.random.default_rng([settings.seed, epoch]).permutation(features.valid_indices())
     batches = [order[start:start + settings.batch_size] for start in range(0, len(order), settings.batch_size)]
     losses, labelled = [], []
@@ -207,7 +219,7 @@ def _run_epoch(em: PrimapsEM, features: FeatureFile, settings: FitSettings, epoc
         losses.append(stats["loss"])
         labelled.append(stats["labelled_fraction"])
         bar.set_postfix(epoch=f"{epoch + 1}/{settings.epochs}", loss=f"{stats['loss']:.4f}",
-                        labelled=f"{stats['labelled_fraction']:.2f}")
+                        labelled=f"{stats['labelled_fraction']:.2f}", refresh=False)
         bar.update()
     return {"epoch": epoch + 1, "loss": float(np.mean(losses)), "labelled_fraction": float(np.mean(labelled))}
 

@@ -17,11 +17,13 @@ from pathlib import Path
 
 from pipeline.errors import PipelineError
 from pipeline.store.atomic import atomic_path, write_text_atomic
-from pipeline.viz import definition_table_html, gallery_html, markdown_table_html
+from pipeline.store.checkpoints import load_checkpoint
+from pipeline.viz import definition_table_html, gallery_html, markdown_table_html, save_history_figure
 from stages.evaluate import CLUSTERS_NAME, CONFUSION_NAME, FIGURES_DIRECTORY
 from stages.inspect import InspectSettings, run_inspect
 
 GALLERY_DIRECTORY = "gallery"
+HISTORY_NAME = "history.png"
 NO_METRICS = "<p class=\"note\">no labels: no metrics</p>"
 
 
@@ -59,6 +61,7 @@ def run_report(settings: ReportSettings, progress: bool = True) -> ReportSummary
                                           images=settings.images, sample=settings.sample, seed=settings.seed),
                           progress)
     metrics, has_metrics = _metrics_sections(settings)
+    metrics += _history_section(settings)
     figures = [(f"{GALLERY_DIRECTORY}/{src}", caption) for src, caption in gallery.figures]
     gallery_heading = "<h2>Gallery (training images: masks, pseudo labels, predictions)</h2>"
     page = settings.out / "index.html"
@@ -89,6 +92,15 @@ def _metrics_sections(settings: ReportSettings) -> tuple[list[str], bool]:
         sections += _copied_figure(settings.metrics, settings.out, CONFUSION_NAME, "Confusion matrix")
     sections += _copied_figure(settings.metrics, settings.out, CLUSTERS_NAME, "Pixels per cluster")
     return sections, labelled
+
+
+def _history_section(settings: ReportSettings) -> list[str]:
+    """The model's loss and pseudo-label curves, drawn from the history its checkpoint carries."""
+    history = load_checkpoint(settings.model).get("history") or []
+    if not history:
+        return []
+    save_history_figure(settings.out / HISTORY_NAME, history)
+    return [f'<h3>Fit history ({len(history)} epochs)</h3><img src="{HISTORY_NAME}" alt="loss per epoch">']
 
 
 def _copied_figure(metrics: Path, out: Path, name: str, title: str) -> list[str]:

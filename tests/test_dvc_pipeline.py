@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -17,11 +19,11 @@ STAGES = {"extract_train", "extract_eval", "propose", "fit", "evaluate", "report
 BIN = Path(sys.executable).parent
 
 
-def run(command: list[str], cwd: Path) -> str:
+def run(command: list[str], cwd: Path, stdout_only: bool = False) -> str:
     env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
     result = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True)
     assert result.returncode == 0, f"{' '.join(command)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
-    return result.stdout + result.stderr
+    return result.stdout if stdout_only else result.stdout + result.stderr
 
 
 def stages_run(output: str) -> set[str]:
@@ -44,13 +46,23 @@ def project(camvid, tmp_path) -> Path:
     params["evaluate"].update(crf=False, workers=1)
     params["report"].update(sample=2)
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    shutil.copy(REPOSITORY / ".gitignore", tmp_path / ".gitignore")
     run(["git", "init", "-q"], tmp_path)
     return tmp_path
 
 
+def commit_all(project: Path, message: str) -> None:
+    run(["git", "add", "-A"], project)
+    run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "-m", message], project)
+
+
 def test_dvc_repro_runs_each_stage_once_and_a_param_change_reruns_only_downstream(project):
-    assert stages_run(run([str(BIN / "dvc"), "repro"], project)) == STAGES
-    assert (project / "cache" / "eval" / "metrics.json").exists()
+    log = run([str(BIN / "dvc"), "repro"], project)
+    assert stages_run(log) == STAGES
+    assert "\r" not in log, "a progress bar wrote carriage returns into DVC's log"
+    assert max(map(len, log.splitlines())) < 300
+    assert (project / "results" / "eval" / "metrics.json").exists()
+    assert (project / "results" / "fit" / "history.png").exists()
     assert (project / "cache" / "report" / "index.html").exists()
 
     assert stages_run(run([str(BIN / "dvc"), "repro"], project)) == set()
@@ -62,3 +74,43 @@ def test_dvc_repro_runs_each_stage_once_and_a_param_change_reruns_only_downstrea
 
     metrics = run([str(BIN / "dvc"), "metrics", "show"], project)
     assert "primaps_em.no_crf.miou" in metrics and "baseline.no_crf.pixel_accuracy" in metrics
+
+
+def test_experiments_are_compared_by_dvc_exp_show_metrics_diff_and_offline_plots(project):
+    """Two experiments with other params: their metrics are versioned, compared, and the plots page is offline."""
+    run([str(BIN / "dvc"), "repro"], project)
+    commit_all(project, "baseline run")
+    run([str(BIN / "dvc"), "exp", "run", "-n", "k6", "-S", "fit.classes=6"], project)
+    changed = [line for line in run(["git", "diff", "--", "params.yaml"], project).splitlines()
+               if line.startswith(("+ ", "- ", "+  ", "-  "))]
+    assert len(changed) == 2, f"one -S change rewrote other lines of params.yaml: {changed}"
+    run([str(BIN / "dvc"), "exp", "run", "-n", "ema1", "-S", "fit.classes=11", "-S", "fit.ema_every=1"], project)
+
+    shown = json.loads(run([str(BIN / "dvc"), "exp", "show", "--json"], project, stdout_only=True))
+    experiments = {experiment["name"]: experiment["revs"][0] for commit in shown
+                   for experiment in commit.get("experiments") or []}
+    assert {"k6", "ema1"} <= set(experiments)
+    for name in ("k6", "ema1"):
+        metrics = experiments[name]["data"]["metrics"]["results/eval/metrics.json"]["data"]
+        for role in ("baseline", "primaps_em"):
+            assert isinstance(metrics[role]["no_crf"]["pixel_accuracy"], float)
+            assert isinstance(metrics[role]["no_crf"]["miou"], float)
+
+    diff = run([str(BIN / "dvc"), "metrics", "diff", "k6", "ema1", "--json"], project, stdout_only=True)
+    changes = json.loads(diff)["results/eval/metrics.json"]
+    assert changes["primaps_em.clusters_used"]["old"] <= 6 < changes["primaps_em.clusters_used"]["new"]
+    assert "primaps_em.no_crf.miou" in changes and "baseline.no_crf.pixel_accuracy" in changes
+
+    run([str(BIN / "dvc"), "exp", "apply", "k6"], project)
+    applied = yaml.safe_load((project / "params.yaml").read_text())
+    assert applied["fit"]["classes"] == 6
+    assert json.loads((project / "results" / "eval" / "metrics.json").read_text()) == \
+        experiments["k6"]["data"]["metrics"]["results/eval/metrics.json"]["data"]
+    assert stages_run(run([str(BIN / "dvc"), "repro"], project)) == set()
+
+    run([str(BIN / "dvc"), "plots", "show", "-o", "plots_page"], project)
+    page = (project / "plots_page" / "index.html").read_text()
+    sources = re.findall(r'(?:src|href)="([^"]+)"', page)
+    assert any(source.endswith(".png") for source in sources)
+    assert not [source for source in sources if re.match(r"[a-z]+://", source)], sources
+    assert "http://" not in page and "https://" not in page
