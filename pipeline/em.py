@@ -75,11 +75,13 @@ def pca_directions(features: np.ndarray, k: int) -> np.ndarray:
     return directions.astype(np.float32)
 
 
-def spherical_kmeans(features: np.ndarray, init: np.ndarray, iterations: int = 20, seed: int = 0) -> np.ndarray:
+def spherical_kmeans(features: np.ndarray, init: np.ndarray, iterations: int = 20, seed: int = 0,
+                     gpu: bool = False) -> np.ndarray:
     """Hard cosine k-means of the N×C features started from `init` (k×C) → k×C unit centroids.
 
     Refines the PCA initialisation (the paper's "Baseline"). faiss runs on L2-normalised features
-    and uses every given point (no internal subsampling: the caller chooses the subsample).
+    and uses every given point (no internal subsampling: the caller chooses the subsample); `gpu` runs
+    it on faiss-gpu's CUDA devices (an error when faiss has none).
     """
     try:
         import faiss
@@ -94,6 +96,8 @@ def spherical_kmeans(features: np.ndarray, init: np.ndarray, iterations: int = 2
         raise PipelineError(f"spherical_kmeans: {len(points)} feature vectors cannot make {k} clusters")
     if points.shape[1] != dim:
         raise PipelineError(f"spherical_kmeans: features have {points.shape[1]} channels, init has {dim}")
+    if gpu and faiss_gpus() == 0:
+        raise PipelineError("spherical_kmeans: no faiss GPU (install the `gpu` extra, faiss-gpu, on a CUDA machine)")
     kmeans = faiss.Kmeans(
         dim,
         k,
@@ -103,9 +107,19 @@ def spherical_kmeans(features: np.ndarray, init: np.ndarray, iterations: int = 2
         max_points_per_centroid=math.ceil(len(points) / k) + 1,
         min_points_per_centroid=1,
         verbose=False,
+        gpu=gpu,
     )
     kmeans.train(points, init_centroids=centroids)
     return _unit_rows(kmeans.centroids)
+
+
+def faiss_gpus() -> int:
+    """CUDA devices faiss can use (0 with faiss-cpu, or without faiss)."""
+    try:
+        import faiss
+    except ImportError:
+        return 0
+    return faiss.get_num_gpus() if hasattr(faiss, "get_num_gpus") else 0
 
 
 def _unit_rows(array: np.ndarray) -> np.ndarray:

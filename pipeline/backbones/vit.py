@@ -77,11 +77,13 @@ class Attention(nn.Module):
         self.num_heads = num_heads
         self.qkv = nn.Linear(dim, dim * 3)
         self.proj = nn.Linear(dim, dim)
+        self.use_xformers = True
+        """xformers' memory-efficient kernel on CUDA when it is installed (else torch's SDPA)."""
 
     def forward(self, x: Tensor) -> Tensor:
         batch, tokens, dim = x.shape
         qkv = self.qkv(x).reshape(batch, tokens, 3, self.num_heads, dim // self.num_heads)
-        if memory_efficient_attention is not None and x.is_cuda:
+        if self.use_xformers and memory_efficient_attention is not None and x.is_cuda:
             q, k, v = qkv.unbind(2)
             out = memory_efficient_attention(q, k, v)
         else:
@@ -129,6 +131,13 @@ class Block(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         x = x + self.ls1(self.attn(self.norm1(x)))
         return x + self.ls2(self.mlp(self.norm2(x)))
+
+
+def set_xformers(model: nn.Module, enabled: bool) -> None:
+    """Allow or forbid xformers attention in every block (to compare both kernels on one model)."""
+    for module in model.modules():
+        if isinstance(module, Attention):
+            module.use_xformers = enabled
 
 
 class ViT(nn.Module):
