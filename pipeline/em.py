@@ -31,21 +31,51 @@ class Prototypes(torch.nn.Module):
     """K class prototypes as a weight-normalised linear map without bias.
 
     logit_k(x) = g_k · ⟨v_k / ‖v_k‖, F(x)⟩ on raw (not normalised) features; the gain g_k is learnable
-    and starts at 1, and there is no temperature.
+    and starts at 1, and there is no temperature. With `cosine` the features are L2-normalised first
+    (the reference scores its Baseline, the k-means init, this way: logits are cosines in [-1, 1]).
     """
 
-    def __init__(self, num_classes: int, dim: int) -> None:
+    def __init__(self, num_classes: int, dim: int, cosine: bool = False) -> None:
         super().__init__()
         self.direction = torch.nn.Parameter(torch.randn(num_classes, dim))
         self.gain = torch.nn.Parameter(torch.ones(num_classes))
+        self.cosine = cosine
 
     def weight(self) -> Tensor:
         """The effective K×C projection g_k · v_k / ‖v_k‖."""
         return self.gain[:, None] * F.normalize(self.direction, dim=1)
 
     def forward(self, features: Tensor) -> Tensor:
-        """B×h×w×C raw features → B×K×h×w logits at token resolution."""
+        """B×h×w×C features → B×K×h×w logits at token resolution."""
+        if self.cosine:
+            features = F.normalize(features, dim=-1)
         return torch.einsum("bhwc,kc->bkhw", features, self.weight())
+
+    def pixel_logits(self, features: Tensor, size: tuple[int, int]) -> Tensor:
+        """B×h×w×C token features → B×K×H×W logits of the bilinearly upsampled features, exactly.
+
+        Raw logits are linear in the features, so upsampling token logits is the same and far cheaper. Cosine
+        logits divide them by each upsampled feature's norm, accumulated over channel chunks to bound memory.
+        """
+        logits = upsample_logits(torch.einsum("bhwc,kc->bkhw", features, self.weight()), size)
+        if not self.cosine:
+            return logits
+        channels = features.permute(0, 3, 1, 2)
+        chunk = max(1, _NORM_CHUNK_ELEMENTS // (channels.shape[0] * size[0] * size[1]))
+        squared = torch.zeros(channels.shape[0], 1, *size, dtype=logits.dtype, device=logits.device)
+        for start in range(0, channels.shape[1], chunk):
+            part = F.interpolate(channels[:, start:start + chunk], size=tuple(size), mode="bilinear", align_corners=False)
+            squared += part.square().sum(dim=1, keepdim=True)
+        return logits / squared.sqrt().clamp_min(_NORM_EPSILON)
+
+    def pixel_classes(self, features: Tensor, size: tuple[int, int]) -> Tensor:
+        """B×H×W argmax of `pixel_logits`, from the raw projection alone: a cosine logit is the raw logit over
+        the pixel's (shared, positive) feature norm, so the argmax is the same and needs no upsampled features."""
+        return upsample_logits(torch.einsum("bhwc,kc->bkhw", features, self.weight()), size).argmax(dim=1)
+
+
+_NORM_CHUNK_ELEMENTS = 1 << 24
+_NORM_EPSILON = 1e-12
 
 
 def upsample_logits(logits: Tensor, size: tuple[int, int]) -> Tensor:
@@ -290,8 +320,7 @@ class PrimapsEM:
     @torch.no_grad()
     def predict(self, features: Tensor, size: tuple[int, int]) -> Tensor:
         """θ_M class ids (B×H×W int64) at crop size for B×h×w×C features."""
-        logits = self.momentum(features.to(self.device, torch.float32))
-        return upsample_logits(logits, size).argmax(dim=1)
+        return self.momentum.pixel_classes(features.to(self.device, torch.float32), size)
 
     def state_dict(self) -> dict[str, Any]:
         """A detached copy of everything a resumed fit needs to continue exactly as if uninterrupted."""

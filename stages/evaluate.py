@@ -18,7 +18,7 @@ import torch
 from threadpoolctl import threadpool_limits
 
 from pipeline.crf import CRFParams, dense_crf
-from pipeline.em import Prototypes, upsample_logits
+from pipeline.em import Prototypes
 from pipeline.metrics import SegmentationEvaluator, confusion_matrix
 from pipeline.parallel import parallel_unordered
 from pipeline.progress import progress_bar
@@ -49,9 +49,10 @@ class EvaluateSettings:
 
 
 def load_prototypes(checkpoint: dict[str, Any]) -> Prototypes:
-    """θ_M of a checkpoint (for a Baseline checkpoint, the initial prototypes)."""
+    """θ_M of a checkpoint. A Baseline checkpoint (the k-means init) scores with cosine logits, as the reference
+    scores its Baseline; an EM model with its raw-feature logits."""
     state = checkpoint["momentum"]
-    prototypes = Prototypes(*state["direction"].shape)
+    prototypes = Prototypes(*state["direction"].shape, cosine=checkpoint["kind"] == "baseline")
     prototypes.load_state_dict(state)
     return prototypes.eval().requires_grad_(False)
 
@@ -129,7 +130,7 @@ def _score(prototypes: Prototypes, features: FeatureFile, class_names: list[str]
         batch = indices[start:start + settings.batch_size]
         tokens = torch.from_numpy(np.stack([features.flip_average_features(int(i)) for i in batch]).astype(np.float32))
         with torch.no_grad():
-            predictions = upsample_logits(prototypes(tokens), size).argmax(dim=1).numpy()
+            predictions = prototypes.pixel_classes(tokens, size).numpy()
         usage += np.bincount(predictions.ravel(), minlength=clusters)
         if evaluator is not None:
             evaluator.process(predictions, np.stack([features.label(int(i)) for i in batch]))
@@ -154,7 +155,7 @@ def _crf_confusion(features_path: str, index: int, prototypes: Prototypes, crf: 
         features = shared_feature_file(features_path)
         tokens = torch.from_numpy(features.flip_average_features(index).astype(np.float32))[None]
         size = (features.resolution, features.resolution)
-        log_probs = torch.log_softmax(upsample_logits(prototypes(tokens), size), dim=1)[0].numpy()
+        log_probs = torch.log_softmax(prototypes.pixel_logits(tokens, size), dim=1)[0].numpy()
         refined = dense_crf(features.crop(index), log_probs, crf).argmax(axis=0)
         return confusion_matrix(refined, features.label(index), prototypes.direction.shape[0], num_classes)
 

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipeline.em import Prototypes, e_step, upsample_logits
+from pipeline.em import Prototypes, e_step
 from pipeline.errors import PipelineError
 from pipeline.progress import progress_bar
 from pipeline.store import masks as mask_store
@@ -155,7 +155,7 @@ def _panels(features: FeatureFile, index: int, mask_map: np.ndarray, model: _Mod
 @torch.no_grad()
 def _logits(prototypes: Prototypes, tokens: np.ndarray, size: tuple[int, int]) -> torch.Tensor:
     """θ_M's logits (1×K×H×W) at crop size for one image's g×g×C tokens."""
-    return upsample_logits(prototypes(torch.from_numpy(tokens.astype(np.float32))[None]), size)
+    return prototypes.pixel_logits(torch.from_numpy(tokens.astype(np.float32))[None], size)
 
 
 def _sections(feature_provenance: dict[str, Any], mask_provenance: dict[str, Any], model: _Model | None,

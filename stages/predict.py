@@ -26,7 +26,7 @@ from pipeline.crf import CRFParams, dense_crf
 from pipeline.data import IMAGENET_MEAN, IMAGENET_STD, normalize_crops
 from pipeline.data.base import image_size, read_rgb_image
 from pipeline.device import resolve_device
-from pipeline.em import Prototypes, upsample_logits
+from pipeline.em import Prototypes
 from pipeline.errors import PipelineError
 from pipeline.progress import progress_bar
 from pipeline.store.atomic import write_json_atomic
@@ -74,10 +74,9 @@ def segment(image: np.ndarray, backbone: ViT, prototypes: Prototypes, resolution
     resized = np.asarray(Image.fromarray(image).resize(size, Image.Resampling.BILINEAR), dtype=np.uint8)
     with torch.autocast(device.type, dtype=torch.float16, enabled=device.type == "cuda"):
         tokens = backbone(normalize_crops(resized[None]).to(device))
-    logits = upsample_logits(prototypes(tokens.float()), (height, width))
     if crf is None:
-        return logits.argmax(dim=1)[0].to(torch.uint8).cpu().numpy()
-    log_probs = torch.log_softmax(logits, dim=1)[0].float().cpu().numpy()
+        return prototypes.pixel_classes(tokens.float(), (height, width))[0].to(torch.uint8).cpu().numpy()
+    log_probs = torch.log_softmax(prototypes.pixel_logits(tokens.float(), (height, width)), dim=1)[0].float().cpu().numpy()
     return dense_crf(image, log_probs, crf).argmax(axis=0).astype(np.uint8)
 
 

@@ -111,6 +111,32 @@ def test_logits_at_token_resolution_then_upsampled_equal_projected_upsampled_fea
     torch.testing.assert_close(cheap, expensive, atol=1e-5, rtol=1e-5)
 
 
+
+def test_cosine_prototypes_score_normalised_upsampled_features_as_the_reference_baseline():
+    prototypes = Prototypes(4, C, cosine=True)
+    features = 3.0 * torch.randn(2, 5, 7, C)
+    upsampled = F.interpolate(features.permute(0, 3, 1, 2), size=(40, 56), mode="bilinear", align_corners=False)
+    unit_pixels = F.normalize(upsampled, dim=1)
+    expected = torch.einsum("bchw,kc->bkhw", unit_pixels, F.normalize(prototypes.direction.detach(), dim=1))
+    logits = prototypes.pixel_logits(features, (40, 56))
+    torch.testing.assert_close(logits, expected, atol=1e-5, rtol=1e-5)
+    assert logits.abs().max() <= 1 + 1e-5
+    raw = Prototypes(4, C)
+    raw.load_state_dict(prototypes.state_dict())
+    assert raw.pixel_logits(features, (40, 56)).abs().max() > 5
+    assert not torch.allclose(upsample_logits(prototypes(features), (40, 56)), expected, atol=1e-3)
+
+
+def test_pixel_classes_are_the_argmax_of_pixel_logits_for_raw_and_cosine_prototypes():
+    features = torch.randn(2, 5, 7, C)
+    for cosine in (False, True):
+        prototypes = Prototypes(6, C, cosine=cosine)
+        with torch.no_grad():
+            prototypes.gain.uniform_(0.5, 2.0)
+        assert torch.equal(prototypes.pixel_classes(features, (30, 42)),
+                           prototypes.pixel_logits(features, (30, 42)).argmax(dim=1))
+
+
 # --- initialisation ---
 
 

@@ -98,4 +98,9 @@ def test_evaluation_predictions_match_the_fitted_momentum_prototypes(camvid_feat
     prototypes = load_prototypes(checkpoint)
     weight = checkpoint["momentum"]["gain"][:, None] * torch.nn.functional.normalize(checkpoint["momentum"]["direction"], dim=1)
     tokens = torch.randn(2, 16, 16, 384)
+    assert not prototypes.cosine
     assert torch.allclose(prototypes(tokens), torch.einsum("bhwc,kc->bkhw", tokens, weight), atol=1e-5)
+    baseline = load_prototypes(load_checkpoint(baseline_path(settings)))
+    assert baseline.cosine
+    cosines = baseline.pixel_logits(tokens, (32, 32))
+    assert cosines.abs().max() <= 1 + 1e-5 and cosines.std() > 0.01

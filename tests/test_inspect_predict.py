@@ -132,8 +132,8 @@ def test_report_shows_metrics_and_gallery(camvid_features, camvid_masks, model, 
     text = page.read_text()
     assert summary.has_metrics and "<table>" in text and "mIoU" in text and "no metrics" not in text
     links = linked_files(page)
-    assert {tmp_path / "report" / "confusion.png", tmp_path / "report" / "clusters.png"} <= set(links)
-    assert len(links) == 2 + 2 * 2 and all(link.is_file() for link in links)
+    assert {tmp_path / "report" / name for name in ("confusion.png", "clusters.png", "history.png")} <= set(links)
+    assert len(links) == 3 + 2 * 2 and all(link.is_file() for link in links)
 
 
 def test_report_without_labels_says_so(camvid, camvid_features, camvid_masks, model, tmp_path):
