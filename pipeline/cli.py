@@ -114,6 +114,9 @@ def extract(**options) -> None:
               help="Subtract the split's mean token before PCA and cosine (none = the paper's rule). "
                    "Default: dataset_mean for DINOv2, none for DINO.")
 @click.option("--stop-fraction", type=float, default=0.95, help="Stop once this fraction of tokens is assigned.")
+@click.option("--sign-rule", type=click.Choice(["mean", "reference"]), default="mean",
+              help="Sign of each principal direction: mean = the available tokens' mean projects positively; "
+                   "reference = the first available token projects negatively (what the authors' code returns).")
 @click.option("--crf/--no-crf", default=True, help="Dense-CRF refinement of the masks.")
 @click.option("--crf-iterations", type=int, default=10)
 @click.option("--workers", type=int, default=1, help="Parallel workers (processes for loky and dask).")
@@ -121,15 +124,15 @@ def extract(**options) -> None:
 @click.option("--scheduler", default=None, help="Dask scheduler address (tcp://host:port); with --backend dask.")
 @click.option("--timeout", type=float, default=600.0, help="Seconds one image may take before it is recorded as failed.")
 @click.option("--overwrite", is_flag=True, help="Replace masks made with other settings.")
-def propose(features, out, psi, center, stop_fraction, crf, crf_iterations, workers, backend, scheduler, timeout,
-            overwrite) -> None:
+def propose(features, out, psi, center, stop_fraction, sign_rule, crf, crf_iterations, workers, backend, scheduler,
+            timeout, overwrite) -> None:
     """Compute PriMaPs mask proposals (+ dense CRF) for every cached image, in parallel workers (resumable)."""
     from pipeline.crf import CRFParams
     from stages.propose import ProposeSettings, run_propose
 
     settings = ProposeSettings(
         features=Path(features), out=Path(out),
-        psi=psi, center=None if center == "auto" else center, stop_fraction=stop_fraction,
+        psi=psi, center=None if center == "auto" else center, stop_fraction=stop_fraction, sign_rule=sign_rule,
         crf=CRFParams(iterations=crf_iterations) if crf else None,
         workers=workers, backend=backend, scheduler=scheduler, timeout=timeout, overwrite=overwrite)
     summary = run_propose(settings)

@@ -27,21 +27,33 @@ _SIGN_TOLERANCE = 1e-9
 # Below this size LAPACK is as fast as Lanczos (and ARPACK needs k < size).
 _LANCZOS_MIN_SIZE = 16
 
+SIGN_RULES = ("mean", "reference")
+"""How the sign of each principal direction u is fixed (PCA leaves it arbitrary):
+- "mean": the mean of the available features projects positively onto u (this project's rule);
+- "reference": the first available token in raster order, centred on the available mean, projects negatively
+  onto u. This is the sign the authors' `torch.pca_lowrank(q=3, niter=100)` returns on every iteration
+  (measured for the torch 1.8–2.3 algorithm they ran, on raw and on centred tokens; it is fixed by
+  LAPACK's Householder QR, not by the random start)."""
+
 
 @dataclass(frozen=True)
 class PrimapsParams:
-    """ψ (similarity threshold relative to the best match), the stop fraction and the stall guard.
+    """ψ (similarity threshold relative to the best match), the stop fraction, the stall guard and the sign rule.
 
     center names how the caller builds the vector handed to `propose_token_masks(center=...)`;
-    "none" (no vector) is the paper's rule. This module never interprets the name.
+    "none" (no vector) is the paper's rule. This module never interprets the name. sign_rule chooses which
+    of ±u is the principal direction (see SIGN_RULES).
     """
 
     psi: float = 0.4
     stop_fraction: float = 0.95
     stall_iterations: int = 3
     center: str = "none"
+    sign_rule: str = "mean"
 
     def __post_init__(self) -> None:
+        if self.sign_rule not in SIGN_RULES:
+            raise PipelineError(f"primaps params: sign_rule must be one of {', '.join(SIGN_RULES)}, got {self.sign_rule!r}")
         if not (np.isfinite(self.psi) and self.psi > 0):
             raise PipelineError(f"primaps params: psi must be a positive number, got {self.psi}")
         if not 0 < self.stop_fraction <= 1:
@@ -120,8 +132,10 @@ def _top_eigenpair(matrix: np.ndarray) -> tuple[float, np.ndarray]:
     return float(values[0]), vectors[:, 0]
 
 
-def _orient(direction: np.ndarray, mean: np.ndarray) -> np.ndarray:
-    projection = float(mean @ direction)
+def _orient(direction: np.ndarray, available: np.ndarray, rule: str) -> np.ndarray:
+    """±direction by `rule` (SIGN_RULES); a vanishing projection falls back to the largest component > 0."""
+    mean = available.mean(axis=0)
+    projection = float(mean @ direction) if rule == "mean" else -float((available[0] - mean) @ direction)
     if abs(projection) > _SIGN_TOLERANCE:
         return direction if projection > 0 else -direction
     return direction if direction[np.argmax(np.abs(direction))] > 0 else -direction
@@ -136,10 +150,10 @@ def propose_token_masks(
     (a C-vector) is subtracted from every feature before everything else, so both the PCA and the
     cosine similarities see the shifted vectors; None is the paper's rule.
 
-    Sign rule for the principal direction u: u is turned so that the mean of the available
-    features projects positively onto it; when that projection vanishes (|⟨mean, u⟩| ≤ 1e-9 on
-    features scaled to a largest absolute value of 1), u's largest-magnitude component (the first
-    one on ties) is made positive. When the available features do not vary at all, the first
+    Sign rule for the principal direction u (`params.sign_rule`, see SIGN_RULES): by default u is turned
+    so that the mean of the available features projects positively onto it; when the rule's projection
+    vanishes (≤ 1e-9 on features scaled to a largest absolute value of 1), u's largest-magnitude component
+    (the first one on ties) is made positive. When the available features do not vary at all, the first
     available non-zero token is the anchor (any one is equivalent). Zero-norm tokens are never
     anchors and have similarity 0, so they stay unassigned; the loop stops once no available
     token has a non-zero norm.
@@ -175,7 +189,7 @@ def propose_token_masks(
         if direction is None:
             anchor = int(np.argmax(candidates))
         else:
-            direction = _orient(direction, flat[available].mean(axis=0))
+            direction = _orient(direction, flat[available], params.sign_rule)
             anchor = int(np.argmax(np.where(candidates, unit @ direction, -np.inf)))
         similarity = np.where(available, unit @ unit[anchor], 0.0)
         mask = available & (similarity >= params.psi * similarity.max())

@@ -46,6 +46,7 @@ class ProposeSettings:
     psi: float | None = None
     center: str | None = None
     stop_fraction: float = 0.95
+    sign_rule: str = "mean"
     crf: CRFParams | None = CRFParams()
     workers: int = 1
     backend: str = "loky"
@@ -58,7 +59,7 @@ def primaps_params(settings: ProposeSettings, backbone_family: str) -> PrimapsPa
     """The PriMaPs constants to use: the settings, completed by the backbone family's defaults."""
     psi, center = FAMILY_DEFAULTS[backbone_family]
     return PrimapsParams(psi=psi if settings.psi is None else settings.psi, center=settings.center or center,
-                         stop_fraction=settings.stop_fraction)
+                         stop_fraction=settings.stop_fraction, sign_rule=settings.sign_rule)
 
 
 @dataclass

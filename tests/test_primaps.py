@@ -147,6 +147,25 @@ def test_center_is_subtracted_before_cosine_similarity():
     assert min(best_ious(centred, labels, ignore=0)) >= 0.9
 
 
+def test_sign_rules_on_a_worked_example():
+    """Four tokens in a row, C = 2: (4, 1), (3, 1), (-1, 1), (-2, 1); ψ = 0.5.
+
+    The available mean is (1, 1) and the centred tokens lie on the x axis, so u = ±x.
+    - "mean": ⟨mean, u⟩ > 0 → u = +x → anchor (4, 1); cosines to it 1, 0.997, -0.514, -0.760 → mask 1 = tokens 0, 1;
+      then the mean of the rest, (-1.5, 1), gives u = -x → anchor (-2, 1) → mask 2 = tokens 2, 3.
+    - "reference": the first token minus the mean, (3, 0), projects negatively → u = -x → anchor (-2, 1);
+      cosines 0.948 (token 2), -0.760, -0.707 → mask 1 = tokens 2, 3; then token 0 minus the mean of the rest,
+      (0.5, 0), gives u = -x again → anchor (3, 1), cosine 0.997 to (4, 1) → mask 2 = tokens 0, 1.
+    """
+    features = np.array([[[4, 1], [3, 1], [-1, 1], [-2, 1]]], dtype=np.float32)
+    mean_rule = propose_token_masks(features, PrimapsParams(psi=0.5, sign_rule="mean"))
+    reference_rule = propose_token_masks(features, PrimapsParams(psi=0.5, sign_rule="reference"))
+    np.testing.assert_array_equal(mean_rule, [[1, 1, 2, 2]])
+    np.testing.assert_array_equal(reference_rule, [[2, 2, 1, 1]])
+    with pytest.raises(PipelineError, match="sign_rule must be one of mean, reference"):
+        PrimapsParams(sign_rule="random")
+
+
 def test_more_masks_than_a_uint8_map_holds_is_an_error():
     features = np.random.default_rng(0).standard_normal((17, 17, 384)).astype(np.float32)
     with pytest.raises(PipelineError, match="254"):
