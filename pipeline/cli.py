@@ -53,7 +53,7 @@ class _OrWord(click.ParamType):
             return None
         return self.inner.convert(value, parameter, ctx)
 
-    def get_metavar(self, parameter, ctx=None) -> str:
+    def get_metavar(self, param, ctx=None) -> str:
         return f"[{self.inner.name.upper()}|{self.word}]"
 
 
@@ -154,6 +154,9 @@ def propose(features, out, psi, center, stop_fraction, sign_rule, crf, crf_itera
 @click.option("--history-out", type=click.Path(dir_okay=False), default=None,
               help="Per-epoch loss history (JSON, and its curves as a PNG beside it). "
                    "Default: <out stem>.history.json beside --out.")
+@click.option("--holdout", type=_OrWord(click.Path(dir_okay=False, exists=True), "none"), default="none",
+              help="Text file of image names (one per line) left out of the fit, e.g. a cross-validation fold "
+                   "to score with `evaluate --images`.")
 @click.option("--epochs", type=int, default=10)
 @click.option("--batch-size", type=int, default=32)
 @click.option("--learning-rate", type=float, default=2e-3, help="Adam learning rate (the paper: 5e-3).")
@@ -177,7 +180,7 @@ def fit(**options) -> None:
     """Fit the Baseline and PriMaPs-EM prototypes from cached features and masks (resumable)."""
     from stages.fit import FitSettings, run_fit
 
-    for key in ("features", "masks", "out", "baseline_out", "history_out"):
+    for key in ("features", "masks", "out", "baseline_out", "history_out", "holdout"):
         options[key] = Path(options[key]) if options[key] else None
     click.echo(run_fit(FitSettings(**options)).line())
 
@@ -188,15 +191,18 @@ def fit(**options) -> None:
 @click.option("--features", required=True, type=click.Path(dir_okay=False), help="Labelled evaluation feature file.")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Report directory.")
 @click.option("--baseline", type=click.Path(dir_okay=False), default=None, help="Also score this Baseline checkpoint.")
+@click.option("--images", type=click.Path(dir_okay=False, exists=True), default=None,
+              help="Score only the images named in this text file (one per line), e.g. a fold `fit --holdout` left out.")
 @click.option("--crf/--no-crf", default=False, help="Also score CRF-refined predictions.")
 @click.option("--workers", type=int, default=1, help="CRF workers.")
 @click.option("--backend", type=click.Choice(["loky", "threading", "dask"]), default="loky")
-def evaluate(model, features, out, baseline, crf, workers, backend) -> None:
+def evaluate(model, features, out, baseline, images, crf, workers, backend) -> None:
     """Dataset-level Hungarian accuracy and mIoU, with and without CRF; writes metrics.json."""
     from stages.evaluate import EvaluateSettings, run_evaluate
 
     summary = run_evaluate(EvaluateSettings(model=Path(model), features=Path(features), out=Path(out),
-                                            baseline=Path(baseline) if baseline else None, crf=crf,
+                                            baseline=Path(baseline) if baseline else None,
+                                            images=Path(images) if images else None, crf=crf,
                                             workers=workers, backend=backend))
     for role in ("baseline", "primaps_em"):
         if role not in summary:

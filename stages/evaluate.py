@@ -25,6 +25,7 @@ from pipeline.progress import progress_bar
 from pipeline.store.atomic import write_json_atomic, write_text_atomic
 from pipeline.store.checkpoints import load_checkpoint, require_matching_features
 from pipeline.store.features import FeatureFile, shared_feature_file
+from pipeline.store.image_lists import read_image_list, select_indices
 from pipeline.viz import save_cluster_share_figure, save_confusion_figure
 
 # Where the figures go inside the output directory; `report` copies them from there.
@@ -41,6 +42,7 @@ class EvaluateSettings:
     features: Path
     out: Path
     baseline: Path | None = None
+    images: Path | None = None
     crf: bool = False
     crf_params: CRFParams = CRFParams()
     workers: int = 1
@@ -69,18 +71,22 @@ def run_evaluate(settings: EvaluateSettings, progress: bool = True) -> dict[str,
         models = {"baseline": settings.baseline, **models}
     with FeatureFile(settings.features) as features:
         class_names = features.provenance.get("class_names") if features.has_labels else None
+        indices = features.valid_indices()
+        if settings.images is not None:
+            indices = select_indices(indices, features.names, read_image_list(settings.images, features.names),
+                                     keep_listed=True)
         results: dict[str, Any] = {}
         for role, path in models.items():
             checkpoint = load_checkpoint(path)
             require_matching_features(path, checkpoint, settings.features, features.provenance)
             prototypes = load_prototypes(checkpoint)
-            evaluator, usage = _score(prototypes, features, class_names, settings, progress)
+            evaluator, usage = _score(prototypes, features, indices, class_names, settings, progress)
             scores: dict[str, Any] = {"model": str(path), "kind": checkpoint["kind"],
                                       "cluster_share": (usage / max(usage.sum(), 1)).round(4).tolist()}
             if evaluator is not None:
                 scores["no_crf"] = evaluator.evaluate()
                 if settings.crf:
-                    scores["crf"] = _score_crf(prototypes, features, class_names, settings, progress).evaluate()
+                    scores["crf"] = _score_crf(prototypes, features, indices, class_names, settings, progress).evaluate()
             results[role] = scores
     summary = _summary(results, labelled=class_names is not None)
     _write_reports(settings.out, results, summary, class_names, settings.features)
@@ -117,13 +123,12 @@ def _write_reports(out: Path, results: dict[str, Any], summary: dict[str, Any], 
     save_confusion_figure(figures / CONFUSION_NAME, np.array(final["confusion"]), class_names)
 
 
-def _score(prototypes: Prototypes, features: FeatureFile, class_names: list[str] | None, settings: EvaluateSettings,
-           progress: bool) -> tuple[SegmentationEvaluator | None, np.ndarray]:
+def _score(prototypes: Prototypes, features: FeatureFile, indices: np.ndarray, class_names: list[str] | None,
+           settings: EvaluateSettings, progress: bool) -> tuple[SegmentationEvaluator | None, np.ndarray]:
     """θ_M argmax at crop size over the split: the evaluator (when labelled) and pixels per cluster."""
     clusters = prototypes.direction.shape[0]
     evaluator = SegmentationEvaluator(len(class_names), clusters, class_names) if class_names else None
     usage = np.zeros(clusters, np.int64)
-    indices = features.valid_indices()
     size = (features.resolution, features.resolution)
     for start in progress_bar(range(0, len(indices), settings.batch_size), desc="evaluate", unit="batch",
                               enabled=progress, leave=False):
@@ -137,11 +142,11 @@ def _score(prototypes: Prototypes, features: FeatureFile, class_names: list[str]
     return evaluator, usage
 
 
-def _score_crf(prototypes: Prototypes, features: FeatureFile, class_names: list[str], settings: EvaluateSettings,
-               progress: bool) -> SegmentationEvaluator:
+def _score_crf(prototypes: Prototypes, features: FeatureFile, indices: np.ndarray, class_names: list[str],
+               settings: EvaluateSettings, progress: bool) -> SegmentationEvaluator:
     evaluator = SegmentationEvaluator(len(class_names), prototypes.direction.shape[0], class_names)
     tasks = [(str(settings.features), int(i), prototypes, settings.crf_params, len(class_names))
-             for i in features.valid_indices()]
+             for i in indices]
     for counts in progress_bar(parallel_unordered(_crf_confusion, tasks, settings.workers, settings.backend),
                                total=len(tasks), desc="evaluate + CRF", unit="img", enabled=progress, leave=False):
         evaluator.counts += counts

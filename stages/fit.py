@@ -27,6 +27,7 @@ from pipeline.store import masks as mask_store
 from pipeline.store.atomic import write_json_atomic
 from pipeline.store.checkpoints import load_checkpoint, save_checkpoint
 from pipeline.store.features import FeatureFile
+from pipeline.store.image_lists import list_fingerprint, read_image_list, select_indices
 from pipeline.store.provenance import differences
 from pipeline.viz import save_history_figure
 
@@ -51,6 +52,7 @@ class FitSettings:
     out: Path
     baseline_out: Path | None = None
     history_out: Path | None = None
+    holdout: Path | None = None
     epochs: int = 10
     batch_size: int = 32
     learning_rate: float = 2e-3
@@ -67,15 +69,17 @@ class FitSettings:
     seed: int = 0
     overwrite: bool = False
 
-    def recipe(self) -> dict[str, Any]:
-        """The settings that change the result (paths, device and overwrite do not)."""
+    def recipe(self, holdout: list[str] | None = None) -> dict[str, Any]:
+        """The settings that change the result (paths, device and overwrite do not; the held-out images do)."""
         recipe = asdict(self)
         for key in ("features", "masks", "out", "baseline_out", "history_out", "device", "overwrite"):
             recipe.pop(key)
+        recipe["holdout"] = list_fingerprint(holdout)
         return recipe
 
-    def init_recipe(self) -> dict[str, Any]:
-        return {key: getattr(self, key) for key in ("classes", "init_samples", "kmeans_iterations", "seed")}
+    def init_recipe(self, holdout: list[str] | None = None) -> dict[str, Any]:
+        recipe = {key: getattr(self, key) for key in ("classes", "init_samples", "kmeans_iterations", "seed")}
+        return {**recipe, "holdout": list_fingerprint(holdout)}
 
 
 @dataclass
@@ -121,13 +125,19 @@ def run_fit(settings: FitSettings, progress: bool = True, stop_after_epochs: int
         masks_provenance = mask_store.require_made_from(settings.masks, features.path, features.provenance)
         provenance = {"features": features.provenance, "masks": masks_provenance,
                       "package_version": __version__}
+        holdout = read_image_list(settings.holdout, features.names) if settings.holdout else None
+        indices = select_indices(features.valid_indices(), features.names, holdout or [], keep_listed=False)
+        if len(indices) == 0:
+            raise PipelineError(f"{settings.holdout}: holds out every image of {features.path}; nothing to fit")
+        recipe = settings.recipe(holdout)
         partial = settings.out.with_name(settings.out.name + ".partial")
-        existing = _existing_run(settings, partial, provenance)
+        existing = _existing_run(settings, recipe, partial, provenance)
         if existing is not None and existing.get("complete"):
             return FitSummary(settings.out, 0, existing["history"][-1]["loss"],
                               existing["history"][-1]["labelled_fraction"], time.perf_counter() - started)
         device = resolve_device(settings.device)
-        init = _baseline(settings, features, gpu=device.type == "cuda" and faiss_gpus() > 0)
+        init = _baseline(settings, features, indices, settings.init_recipe(holdout),
+                         gpu=device.type == "cuda" and faiss_gpus() > 0)
         config = EMConfig(num_classes=settings.classes, learning_rate=settings.learning_rate,
                           ema_every=settings.ema_every, ema_max_decay=settings.ema_max_decay, gamma=settings.gamma,
                           min_share=settings.min_share, teacher_fallback=settings.teacher_fallback,
@@ -138,23 +148,24 @@ def run_fit(settings: FitSettings, progress: bool = True, stop_after_epochs: int
             em.load_state_dict(existing["em"])
             history = list(existing["history"])
         last_epoch = settings.epochs if stop_after_epochs is None else min(settings.epochs, len(history) + stop_after_epochs)
-        batches_per_epoch = -(-len(features.valid_indices()) // settings.batch_size)
+        batches_per_epoch = -(-len(indices) // settings.batch_size)
         bar = progress_bar(total=settings.epochs * batches_per_epoch, initial=len(history) * batches_per_epoch,
                            desc="fit", unit="batch", enabled=progress)
         with bar:
             for epoch in range(len(history), last_epoch):
-                history.append(_run_epoch(em, features, settings, epoch, bar))
-                _save(partial, settings, provenance, init, em, history, complete=False)
+                history.append(_run_epoch(em, features, indices, settings, epoch, bar))
+                _save(partial, recipe, provenance, init, em, history, complete=False)
                 _write_history(settings, history)
     epochs_run = last_epoch - (len(existing["history"]) if existing else 0)
     if len(history) == settings.epochs:
-        _save(settings.out, settings, provenance, init, em, history, complete=True)
+        _save(settings.out, recipe, provenance, init, em, history, complete=True)
         partial.unlink(missing_ok=True)
     last = history[-1] if history else {"loss": float("nan"), "labelled_fraction": 0.0}
     return FitSummary(settings.out, epochs_run, last["loss"], last["labelled_fraction"], time.perf_counter() - started)
 
 
-def _existing_run(settings: FitSettings, partial: Path, provenance: dict[str, Any]) -> dict[str, Any] | None:
+def _existing_run(settings: FitSettings, recipe: dict[str, Any], partial: Path,
+                  provenance: dict[str, Any]) -> dict[str, Any] | None:
     """A finished model or resumable partial made with the same recipe and inputs; refuse anything else."""
     for path in (settings.out, partial):
         if not path.exists():
@@ -163,7 +174,7 @@ def _existing_run(settings: FitSettings, partial: Path, provenance: dict[str, An
             path.unlink()
             continue
         checkpoint = load_checkpoint(path)
-        changed = differences(checkpoint["recipe"], settings.recipe()) + differences(checkpoint["provenance"], provenance)
+        changed = differences(checkpoint["recipe"], recipe) + differences(checkpoint["provenance"], provenance)
         if changed:
             raise PipelineError(f"{path}: made with different settings: {'; '.join(changed[:3])}; "
                                 "rerun with --overwrite to replace it")
@@ -171,7 +182,8 @@ def _existing_run(settings: FitSettings, partial: Path, provenance: dict[str, An
     return None
 
 
-def _baseline(settings: FitSettings, features: FeatureFile, gpu: bool = False) -> np.ndarray:
+def _baseline(settings: FitSettings, features: FeatureFile, indices: np.ndarray, recipe: dict[str, Any],
+              gpu: bool = False) -> np.ndarray:
     """PCA of a seeded token subsample → spherical k-means (on faiss-gpu when `gpu`): the paper's Baseline,
     saved as its own model.
 
@@ -181,24 +193,25 @@ def _baseline(settings: FitSettings, features: FeatureFile, gpu: bool = False) -
     provenance = {"features": features.provenance, "package_version": __version__}
     if path.exists() and not settings.overwrite:
         checkpoint = load_checkpoint(path)
-        if not differences(checkpoint["recipe"], settings.init_recipe()) and not differences(checkpoint["provenance"], provenance):
+        if not differences(checkpoint["recipe"], recipe) and not differences(checkpoint["provenance"], provenance):
             return checkpoint["init"].numpy()
-    sample = sample_tokens(features, settings.init_samples, settings.seed)
+    sample = sample_tokens(features, settings.init_samples, settings.seed, indices)
     init = spherical_kmeans(sample, pca_directions(sample, settings.classes), settings.kmeans_iterations, settings.seed,
                             gpu=gpu)
     init_tensor = torch.as_tensor(init, dtype=torch.float32)
     prototypes = {"direction": init_tensor, "gain": torch.ones(settings.classes)}
     save_checkpoint(path, {
-        "kind": "baseline", "complete": True, "recipe": settings.init_recipe(), "provenance": provenance,
+        "kind": "baseline", "complete": True, "recipe": recipe, "provenance": provenance,
         "features_provenance": features.provenance, "init": init_tensor, "momentum": prototypes,
         "running": prototypes, "history": [],
     })
     return init
 
 
-def sample_tokens(features: FeatureFile, count: int, seed: int) -> np.ndarray:
-    """About `count` clean tokens (float32 N×C) drawn evenly from every image of the split, seeded."""
-    indices = features.valid_indices()
+def sample_tokens(features: FeatureFile, count: int, seed: int, indices: np.ndarray | None = None) -> np.ndarray:
+    """About `count` clean tokens (float32 N×C) drawn evenly from every image of `indices` (default: the split's
+    readable images), seeded."""
+    indices = features.valid_indices() if indices is None else indices
     rng = np.random.default_rng(seed)
     tokens_per_image = features.grid * features.grid
     take = min(tokens_per_image, max(1, -(-count // max(len(indices), 1))))
@@ -209,9 +222,9 @@ def sample_tokens(features: FeatureFile, count: int, seed: int) -> np.ndarray:
     return np.concatenate(rows)
 
 
-def _run_epoch(em: PrimapsEM, features: FeatureFile, settings: FitSettings, epoch: int,
+def _run_epoch(em: PrimapsEM, features: FeatureFile, indices: np.ndarray, settings: FitSettings, epoch: int,
                bar: tqdm) -> dict[str, float]:
-    order = np.random.default_rng([settings.seed, epoch]).permutation(features.valid_indices())
+    order = np.random.default_rng([settings.seed, epoch]).permutation(indices)
     batches = [order[start:start + settings.batch_size] for start in range(0, len(order), settings.batch_size)]
     losses, labelled = [], []
     for clean, student, masks in _prefetch(features, settings, epoch, batches):
@@ -253,11 +266,11 @@ def _read_batch(features: FeatureFile, masks: Path, batch: np.ndarray, views: np
     return torch.from_numpy(clean), torch.from_numpy(student), torch.from_numpy(mask_maps)
 
 
-def _save(path: Path, settings: FitSettings, provenance: dict[str, Any], init: np.ndarray, em: PrimapsEM,
+def _save(path: Path, recipe: dict[str, Any], provenance: dict[str, Any], init: np.ndarray, em: PrimapsEM,
           history: list[dict[str, float]], complete: bool) -> None:
     state = em.state_dict()
     save_checkpoint(path, {
-        "kind": "primaps-em", "complete": complete, "recipe": settings.recipe(), "provenance": provenance,
+        "kind": "primaps-em", "complete": complete, "recipe": recipe, "provenance": provenance,
         "features_provenance": provenance["features"], "init": torch.as_tensor(init, dtype=torch.float32),
         "momentum": {key: value.cpu() for key, value in state["momentum"].items()},
         "running": {key: value.cpu() for key, value in state["running"].items()},

@@ -104,3 +104,34 @@ def test_evaluation_predictions_match_the_fitted_momentum_prototypes(camvid_feat
     assert baseline.cosine
     cosines = baseline.pixel_logits(tokens, (32, 32))
     assert cosines.abs().max() <= 1 + 1e-5 and cosines.std() > 0.01
+
+
+def test_a_held_out_fold_is_left_out_of_the_fit_and_scored_alone(camvid_features, camvid_masks, tmp_path):
+    """Cross-validation on the training split: fit without a fold, score only that fold."""
+    from pipeline.store.features import FeatureFile
+
+    with FeatureFile(camvid_features) as features:
+        names = features.names
+        fold = names[::4]
+        labelled = sum(int((features.label(names.index(name)) < 11).sum()) for name in fold)
+    (tmp_path / "fold.txt").write_text("\n".join(fold) + "\n")
+    whole = fit_settings(camvid_features, camvid_masks, tmp_path / "whole.pt", epochs=1)
+    held = replace(whole, out=tmp_path / "held.pt", baseline_out=tmp_path / "held.baseline.pt",
+                   holdout=tmp_path / "fold.txt")
+    run_fit(whole, progress=False)
+    run_fit(held, progress=False)
+    whole_model, held_model = load_checkpoint(whole.out), load_checkpoint(held.out)
+    assert whole_model["recipe"]["holdout"] is None and held_model["recipe"]["holdout"] is not None
+    assert not torch.equal(whole_model["init"], held_model["init"])
+    batches = -(-(len(names) - len(fold)) // whole.batch_size)
+    assert held_model["em"]["steps"] == batches < load_checkpoint(whole.out)["em"]["steps"]
+
+    summary = run_evaluate(EvaluateSettings(model=held.out, features=camvid_features, out=tmp_path / "eval",
+                                            images=tmp_path / "fold.txt"), progress=False)
+    details = json.loads((tmp_path / "eval" / "details.json").read_text())
+    assert sum(map(sum, details["primaps_em"]["no_crf"]["confusion"])) == labelled
+    assert summary["primaps_em"]["no_crf"]["pixel_accuracy"] > 0
+
+    (tmp_path / "bad.txt").write_text(f"{names[0]}\nnot-an-image\n")
+    with pytest.raises(PipelineError, match=r"bad\.txt: line 2: no image 'not-an-image' in the feature file"):
+        run_fit(replace(held, holdout=tmp_path / "bad.txt", overwrite=True), progress=False)
