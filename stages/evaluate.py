@@ -22,6 +22,7 @@ from pipeline.em import Prototypes
 from pipeline.metrics import SegmentationEvaluator, confusion_matrix
 from pipeline.parallel import parallel_unordered
 from pipeline.progress import progress_bar
+from pipeline.ranges import check_ranges
 from pipeline.store.atomic import write_json_atomic, write_text_atomic
 from pipeline.store.checkpoints import load_checkpoint, require_matching_features
 from pipeline.store.features import FeatureFile, shared_feature_file
@@ -48,6 +49,9 @@ class EvaluateSettings:
     workers: int = 1
     backend: str = "loky"
     batch_size: int = 32
+
+    def __post_init__(self) -> None:
+        check_ranges("evaluate", vars(self))
 
 
 def load_prototypes(checkpoint: dict[str, Any]) -> Prototypes:
