@@ -38,7 +38,7 @@ import shutil
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence, TypeVar
 
 import h5py
 import numpy as np
@@ -49,8 +49,10 @@ from pipeline.store.names import require_safe_names
 from pipeline.store.provenance import canonical_json, require_same
 
 FORMAT_VERSION = 1
+T = TypeVar("T")
 _STRINGS = h5py.string_dtype(encoding="utf-8")
 _HINT = "rerun with --overwrite to replace it"
+_REEXTRACT = "rerun extract with --overwrite"
 # HDF5's own bytes (chunk index, heaps) on top of the raw data of a batch: generous, so a batch that passes
 # the space check never makes HDF5 extend the file past what is available.
 _METADATA_ROOM = 1 << 20
@@ -98,7 +100,10 @@ def read_provenance(path: str | Path) -> dict[str, Any]:
 
 
 class FeatureFileWriter:
-    """Creates or resumes ``FILE.h5.partial`` and publishes it as ``FILE.h5`` when complete and verified."""
+    """Creates or resumes ``FILE.h5.partial`` and publishes it as ``FILE.h5`` when complete and verified.
+
+    ``restarted`` is True when an unreadable partial file (left by a failed write) was started over.
+    """
 
     def __init__(self, path: str | Path, layout: FeatureLayout, provenance: dict[str, Any], overwrite: bool = False):
         self.path = Path(path)
@@ -107,7 +112,6 @@ class FeatureFileWriter:
         self.provenance = provenance
         self.already_complete = False
         self.restarted = False
-        """True when an unreadable partial file (left by a failed write) was started over."""
         self._handle: h5py.File | None = None
         self._failed = False
         require_safe_names(layout.names, self.path)
@@ -138,15 +142,13 @@ class FeatureFileWriter:
             handle = h5py.File(self.partial, "r+")
         except OSError:
             return None
+        count, shapes = len(self.layout.names), {**self.layout.per_image_shapes(), "done": (), "skipped": ()}
         try:
             stored = _provenance(handle, self.partial)
-            shapes_agree = all(
-                name in handle and handle[name].shape == (len(self.layout.names), *shape)
-                for name, shape in {**self.layout.per_image_shapes(), "done": (), "skipped": (), "errors": ()}.items())
-        except (PipelineError, OSError, RuntimeError, KeyError):
-            handle.close()
-            return None
-        if not shapes_agree:
+            whole = all(name in handle and handle[name].shape == (count, *shape) for name, shape in shapes.items())
+        except (PipelineError, OSError, RuntimeError):
+            whole = False
+        if not whole:
             handle.close()
             return None
         try:
@@ -280,7 +282,7 @@ class FeatureFileWriter:
                 if not self._failed:
                     raise self._failure(error) from None
 
-    def _guarded(self, operation):
+    def _guarded(self, operation: Callable[[], T]) -> T:
         """Run an HDF5 write; its failure (h5py raises OSError or RuntimeError) becomes one PipelineError."""
         try:
             return operation()
@@ -421,9 +423,6 @@ class FeatureFile:
         self.close()
 
 
-_REEXTRACT = "rerun extract with --overwrite"
-
-
 _SHARED: dict[tuple[int, str], FeatureFile] = {}
 _SHARED_LOCK = threading.Lock()
 
@@ -442,9 +441,9 @@ def _provenance(handle: h5py.File, path: Path) -> dict[str, Any]:
     try:
         provenance = json.loads(handle.attrs["provenance"])
     except (KeyError, TypeError, ValueError):
-        raise PipelineError(f"{path}: has no readable provenance record; {_HINT}") from None
+        raise PipelineError(f"{path}: has no readable provenance record; {_REEXTRACT}") from None
     if not isinstance(provenance, dict):
-        raise PipelineError(f"{path}: has no readable provenance record; {_HINT}")
+        raise PipelineError(f"{path}: has no readable provenance record; {_REEXTRACT}")
     return provenance
 
 
