@@ -57,6 +57,14 @@ class _OrWord(click.ParamType):
         return f"[{self.inner.name.upper()}|{self.word}]"
 
 
+def _named_path(text: str) -> tuple[str, Path]:
+    """`NAME=PATH` → (NAME, PATH), or click's usage error."""
+    name, separator, path = text.partition("=")
+    if not separator or not name or not path:
+        raise click.BadParameter(f"{text!r}: expected NAME=CHECKPOINT")
+    return name, Path(path)
+
+
 params_option = click.option(
     "--params", metavar="FILE[:SECTION]", is_eager=True, expose_value=False, callback=_load_params,
     help="Take option defaults from a params.yaml section (default section: the command name).")
@@ -154,6 +162,9 @@ def propose(features, out, psi, center, stop_fraction, sign_rule, crf, crf_itera
 @click.option("--history-out", type=click.Path(dir_okay=False), default=None,
               help="Per-epoch loss history (JSON, and its curves as a PNG beside it). "
                    "Default: <out stem>.history.json beside --out.")
+@click.option("--head", type=_OrWord(click.Path(dir_okay=False, exists=True), "none"), default="none",
+              help="Head file (train-head / import-head): fit on its code, starting from its cluster probe. "
+                   "--baseline-out then receives the head's cluster probe.")
 @click.option("--holdout", type=_OrWord(click.Path(dir_okay=False, exists=True), "none"), default="none",
               help="Text file of image names (one per line) left out of the fit, e.g. a cross-validation fold "
                    "to score with `evaluate --images`.")
@@ -180,7 +191,7 @@ def fit(**options) -> None:
     """Fit the Baseline and PriMaPs-EM prototypes from cached features and masks (resumable)."""
     from stages.fit import FitSettings, run_fit
 
-    for key in ("features", "masks", "out", "baseline_out", "history_out", "holdout"):
+    for key in ("features", "masks", "out", "baseline_out", "history_out", "holdout", "head"):
         options[key] = Path(options[key]) if options[key] else None
     click.echo(run_fit(FitSettings(**options)).line())
 
@@ -191,23 +202,25 @@ def fit(**options) -> None:
 @click.option("--features", required=True, type=click.Path(dir_okay=False), help="Labelled evaluation feature file.")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Report directory.")
 @click.option("--baseline", type=click.Path(dir_okay=False), default=None, help="Also score this Baseline checkpoint.")
+@click.option("--also", "extra_models", multiple=True, metavar="NAME=CHECKPOINT",
+              help="Score this checkpoint too, as row NAME (repeatable), e.g. stego=cache/heads/stego/probe.pt.")
 @click.option("--images", type=click.Path(dir_okay=False, exists=True), default=None,
               help="Score only the images named in this text file (one per line), e.g. a fold `fit --holdout` left out.")
 @click.option("--crf/--no-crf", default=False, help="Also score CRF-refined predictions.")
 @click.option("--workers", type=int, default=1, help="CRF workers.")
 @click.option("--backend", type=click.Choice(["loky", "threading", "dask"]), default="loky")
-def evaluate(model, features, out, baseline, images, crf, workers, backend) -> None:
+def evaluate(model, features, out, baseline, extra_models, images, crf, workers, backend) -> None:
     """Dataset-level Hungarian accuracy and mIoU, with and without CRF; writes metrics.json."""
     from stages.evaluate import EvaluateSettings, run_evaluate
 
     summary = run_evaluate(EvaluateSettings(model=Path(model), features=Path(features), out=Path(out),
                                             baseline=Path(baseline) if baseline else None,
+                                            extra_models=tuple(_named_path(text) for text in extra_models),
                                             images=Path(images) if images else None, crf=crf,
                                             workers=workers, backend=backend))
-    for role in ("baseline", "primaps_em"):
-        if role not in summary:
+    for role, scores in summary.items():
+        if not isinstance(scores, dict):
             continue
-        scores = summary[role]
         click.echo(f"evaluate: {role:<10} clusters used {scores['clusters_used']}, "
                    f"largest {100 * scores['largest_cluster_share']:.1f}% of pixels")
         for variant in ("no_crf", "crf"):
@@ -286,3 +299,54 @@ def report(features, masks, model, metrics, images, sample, seed, out) -> None:
     settings = ReportSettings(features=Path(features), masks=Path(masks), model=Path(model), metrics=Path(metrics),
                               out=Path(out), images=tuple(images), sample=sample, seed=seed)
     click.echo(run_report(settings).line())
+
+
+@main.command(name="train-head")
+@params_option
+@click.option("--features", required=True, type=click.Path(dir_okay=False), help="TRAINING feature file.")
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="Head file to write.")
+@click.option("--clusters", "-k", required=True, type=int, help="Clusters of the cluster probe (the fit's K).")
+@click.option("--neighbours-out", type=_OrWord(click.Path(dir_okay=False), "auto"), default="auto",
+              help="Nearest-neighbour cache (auto: <out stem>.neighbours.npz beside --out).")
+@click.option("--code-dim", type=int, default=70, help="Code dimensions C (STEGO: 70 COCO-Stuff, 100 Cityscapes).")
+@click.option("--pos-intra-weight", type=float, default=0.67, help="λ of (image, itself) pairs.")
+@click.option("--pos-intra-shift", type=float, default=0.18, help="b of (image, itself) pairs.")
+@click.option("--pos-inter-weight", type=float, default=0.25, help="λ of (image, nearest neighbour) pairs.")
+@click.option("--pos-inter-shift", type=float, default=0.12, help="b of (image, nearest neighbour) pairs.")
+@click.option("--neg-inter-weight", type=float, default=0.63, help="λ of (image, random image) pairs.")
+@click.option("--neg-inter-shift", type=float, default=0.46, help="b of (image, random image) pairs.")
+@click.option("--feature-samples", type=int, default=11, help="Sample points per side (S×S per image).")
+@click.option("--neg-samples", type=int, default=5, help="Random-partner rounds per step.")
+@click.option("--neighbours", type=int, default=7, help="k of the nearest neighbours a partner is drawn from.")
+@click.option("--center", type=click.Choice(["auto", "none", "dataset_mean"]), default="auto",
+              help="Subtract the split's mean token before feature correlations (auto: as propose, per backbone).")
+@click.option("--epochs", type=int, default=100)
+@click.option("--batch-size", type=int, default=16)
+@click.option("--learning-rate", type=float, default=5e-4, help="Adam learning rate of the head.")
+@click.option("--probe-learning-rate", type=float, default=5e-3, help="Adam learning rate of the cluster probe.")
+@click.option("--seed", type=int, default=0)
+@click.option("--device", type=click.Choice(DEVICE_CHOICES), default="auto")
+@click.option("--overwrite", is_flag=True, help="Replace a head trained with other settings.")
+def train_head(**options) -> None:
+    """Train STEGO's segmentation head and cluster probe on cached tokens (resumable, deterministic on CPU)."""
+    from stages.head import TrainHeadSettings, run_train_head
+
+    options.update(features=Path(options["features"]), out=Path(options["out"]),
+                   neighbours_out=Path(options["neighbours_out"]) if options["neighbours_out"] else None,
+                   center=None if options["center"] == "auto" else options["center"])
+    click.echo(run_train_head(TrainHeadSettings(**options)).line())
+
+
+@main.command(name="import-head")
+@params_option
+@click.option("--checkpoint", required=True, type=click.Path(dir_okay=False, exists=True),
+              help="A released STEGO .ckpt or HP ckpt.pth (read without running pickled code).")
+@click.option("--type", "head_type", type=click.Choice(["stego", "hp"]), required=True, help="Which family it is.")
+@click.option("--features", required=True, type=click.Path(dir_okay=False),
+              help="Feature file the head will be used on: its backbone must be the checkpoint's.")
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="Head file to write.")
+def import_head(checkpoint, head_type, features, out) -> None:
+    """Convert a released STEGO or HP checkpoint into a head file for `fit --head`."""
+    from stages.head import ImportHeadSettings, run_import_head
+
+    click.echo(run_import_head(ImportHeadSettings(Path(checkpoint), head_type, Path(features), Path(out))))

@@ -16,9 +16,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipeline.em import Prototypes, e_step
+from pipeline.em import e_step
 from pipeline.errors import PipelineError
 from pipeline.progress import progress_bar
+from pipeline.segmenter import Segmenter, load_segmenter
 from pipeline.store import masks as mask_store
 from pipeline.store.atomic import write_text_atomic
 from pipeline.store.checkpoints import load_checkpoint, require_matching_features
@@ -33,7 +34,6 @@ from pipeline.viz import (
     panel_strip,
     save_png,
 )
-from stages.evaluate import load_prototypes
 
 GALLERY_NAME = "index.html"
 COLOUR_NOTE = ("Colours of model outputs are cluster ids and colours of the ground truth are class ids; they are "
@@ -69,11 +69,11 @@ class InspectSummary:
 class _Model:
     path: Path
     checkpoint: dict[str, Any]
-    prototypes: Prototypes
+    segmenter: Segmenter
 
     @property
     def classes(self) -> int:
-        return int(self.prototypes.direction.shape[0])
+        return self.segmenter.num_clusters
 
     @property
     def e_step_options(self) -> dict[str, Any]:
@@ -131,7 +131,7 @@ def choose_images(features: FeatureFile, masks: Path, names: tuple[str, ...], sa
 def _load_model(path: Path, features: FeatureFile) -> _Model:
     checkpoint = load_checkpoint(path)
     require_matching_features(path, checkpoint, features.path, features.provenance)
-    return _Model(Path(path), checkpoint, load_prototypes(checkpoint))
+    return _Model(Path(path), checkpoint, load_segmenter(checkpoint))
 
 
 def _panels(features: FeatureFile, index: int, mask_map: np.ndarray, model: _Model | None,
@@ -142,9 +142,9 @@ def _panels(features: FeatureFile, index: int, mask_map: np.ndarray, model: _Mod
     if model is not None:
         colours = palette(model.classes)
         size = crop.shape[:2]
-        clean = _logits(model.prototypes, features.features(index), size)
+        clean = _logits(model.segmenter, features.features(index), size)
         pseudo = e_step(clean, torch.tensor(mask_map)[None], model.classes, **model.e_step_options)[0].numpy()
-        prediction = _logits(model.prototypes, features.flip_average_features(index), size).argmax(dim=1)[0].numpy()
+        prediction = _logits(model.segmenter, features.flip_average_features(index), size).argmax(dim=1)[0].numpy()
         panels += [("pseudo label (clusters)", colourise(pseudo, colours)),
                    ("prediction (clusters)", colourise(prediction.astype(np.uint8), colours))]
     if class_names is not None:
@@ -153,9 +153,9 @@ def _panels(features: FeatureFile, index: int, mask_map: np.ndarray, model: _Mod
 
 
 @torch.no_grad()
-def _logits(prototypes: Prototypes, tokens: np.ndarray, size: tuple[int, int]) -> torch.Tensor:
+def _logits(segmenter: Segmenter, tokens: np.ndarray, size: tuple[int, int]) -> torch.Tensor:
     """θ_M's logits (1×K×H×W) at crop size for one image's g×g×C tokens."""
-    return prototypes.pixel_logits(torch.from_numpy(tokens.astype(np.float32))[None], size)
+    return segmenter.pixel_logits(torch.from_numpy(tokens.astype(np.float32))[None], size)
 
 
 def _sections(feature_provenance: dict[str, Any], mask_provenance: dict[str, Any], model: _Model | None,

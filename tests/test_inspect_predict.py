@@ -15,7 +15,8 @@ from pipeline.errors import PipelineError
 from pipeline.store.checkpoints import load_checkpoint, save_checkpoint
 from pipeline.store.features import FeatureFile
 from pipeline.viz import TITLE_HEIGHT
-from stages.evaluate import EvaluateSettings, load_prototypes, run_evaluate
+from pipeline.segmenter import load_segmenter
+from stages.evaluate import EvaluateSettings, run_evaluate
 from stages.extract import ExtractSettings, run_extract
 from stages.fit import FitSettings, run_fit
 from stages.inspect import InspectSettings, run_inspect
@@ -106,7 +107,7 @@ def test_predict_on_a_cached_crop_matches_the_cached_features(camvid_features, m
     run_predict(PredictSettings(model=model, images=(tmp_path / "crop.png",), out=tmp_path / "out", device="cpu"),
                 progress=False)
     with torch.no_grad():
-        logits = load_prototypes(load_checkpoint(model))(torch.from_numpy(tokens)[None])
+        logits = load_segmenter(load_checkpoint(model)).prototypes(torch.from_numpy(tokens)[None])
         expected = torch.nn.functional.interpolate(logits, size=crop.shape[:2], mode="bilinear").argmax(1)[0].numpy()
     agreement = (np.asarray(Image.open(tmp_path / "out" / "crop.png")) == expected).mean()
     assert agreement > 0.99  # cached tokens are float16
