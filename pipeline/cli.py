@@ -286,18 +286,24 @@ def predict(model, images, out, crf, device, weights) -> None:
 @click.option("--masks", required=True, type=click.Path(file_okay=False), help="Mask directory of those features.")
 @click.option("--model", required=True, type=click.Path(dir_okay=False), help="Checkpoint from `fit`.")
 @click.option("--metrics", required=True, type=click.Path(file_okay=False), help="Output directory of `evaluate`.")
+@click.option("--baseline", type=click.Path(dir_okay=False), default=None,
+              help="Show this Baseline's predictions too (before the model's), as `evaluate --baseline`.")
+@click.option("--also", "extra_models", multiple=True, metavar="NAME=CHECKPOINT",
+              help="Show this model's predictions too, after the model's (repeatable), as `evaluate --also`.")
 @click.option("--images", multiple=True, metavar="NAME", help="Training image to show (repeatable). Default: a sample.")
 @click.option("--sample", type=int, default=12, help="Number of randomly chosen gallery images.")
 @click.option("--seed", type=int, default=0, help="Seed of the random sample.")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Report directory (index.html).")
-def report(features, masks, model, metrics, images, sample, seed, out) -> None:
+def report(features, masks, model, metrics, baseline, extra_models, images, sample, seed, out) -> None:
     """One HTML page: the evaluation metrics (per-class table and confusion matrix from `evaluate --out`) on
     top, then the `inspect` gallery of TRAINING images (masks exist only for the training split), with
     their masks, pseudo labels and predictions. An unlabelled evaluation split gives "no labels: no metrics"."""
     from stages.report import ReportSettings, run_report
 
     settings = ReportSettings(features=Path(features), masks=Path(masks), model=Path(model), metrics=Path(metrics),
-                              out=Path(out), images=tuple(images), sample=sample, seed=seed)
+                              out=Path(out), baseline=Path(baseline) if baseline else None,
+                              extra_models=tuple(_named_path(text) for text in extra_models), images=tuple(images),
+                              sample=sample, seed=seed)
     click.echo(run_report(settings).line())
 
 

@@ -331,3 +331,14 @@ def test_stego_plus_primaps_em_end_to_end_from_the_cache(camvid_features, camvid
         assert 0 < summary[row]["no_crf"]["pixel_accuracy"] <= 100
     with pytest.raises(PipelineError, match=r"--classes 5: the head's cluster probe has 11 clusters"):
         run_fit(replace(fit, classes=5, out=tmp_path / "k5.pt"), progress=False)
+    from PIL import Image
+
+    from stages.report import ReportSettings, run_report
+
+    report = run_report(ReportSettings(features=camvid_features, masks=camvid_masks, model=fit.out,
+                                       metrics=tmp_path / "eval", out=tmp_path / "report",
+                                       extra_models=(("stego", fit.baseline_out),), sample=1), progress=False)
+    assert report.images == 1
+    strip = next((tmp_path / "report" / "gallery").glob("*.png"))
+    with Image.open(strip) as picture:
+        assert picture.width == 6 * 224, "crop | masks | pseudo label | PriMaPs-EM | STEGO | ground truth"

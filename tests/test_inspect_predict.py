@@ -151,3 +151,10 @@ def test_report_without_labels_says_so(camvid, camvid_features, camvid_masks, mo
     assert not summary.has_metrics and "no labels: no metrics" in text and "Confusion" not in text
     links = linked_files(page)
     assert tmp_path / "report" / "clusters.png" in links and all(link.is_file() for link in links)
+
+
+def test_predictions_are_recoloured_by_the_class_each_cluster_was_matched_to():
+    from stages.inspect import _matched
+
+    clusters = np.array([[0, 1], [2, 3]])
+    np.testing.assert_array_equal(_matched(clusters, (2, 0, -1)), [[1, 255], [0, 255]])
