@@ -163,7 +163,7 @@ def propose(features, out, psi, center, stop_fraction, sign_rule, crf, crf_itera
               help="Per-epoch loss history (JSON, and its curves as a PNG beside it). "
                    "Default: <out stem>.history.json beside --out.")
 @click.option("--head", type=_OrWord(click.Path(dir_okay=False, exists=True), "none"), default="none",
-              help="Head file (train-head / import-head): fit on its code, starting from its cluster probe. "
+              help="Head file (from `head`): fit on its code, starting from its cluster probe. "
                    "--baseline-out then receives the head's cluster probe.")
 @click.option("--holdout", type=_OrWord(click.Path(dir_okay=False, exists=True), "none"), default="none",
               help="Text file of image names (one per line) left out of the fit, e.g. a cross-validation fold "
@@ -307,11 +307,17 @@ def report(features, masks, model, metrics, baseline, extra_models, images, samp
     click.echo(run_report(settings).line())
 
 
-@main.command(name="train-head")
+@main.command()
 @params_option
-@click.option("--features", required=True, type=click.Path(dir_okay=False), help="TRAINING feature file.")
+@click.option("--features", required=True, type=click.Path(dir_okay=False),
+              help="TRAINING feature file (the head is trained on it, or an imported head must match its backbone).")
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="Head file to write.")
-@click.option("--clusters", "-k", required=True, type=int, help="Clusters of the cluster probe (the fit's K).")
+@click.option("--checkpoint", type=_OrWord(click.Path(dir_okay=False, exists=True), "none"), default="none",
+              help="Import this released STEGO .ckpt or HP ckpt.pth (read without running pickled code) instead "
+                   "of training a head.")
+@click.option("--type", "head_type", type=click.Choice(["stego", "hp"]), default="stego",
+              help="Family of --checkpoint.")
+@click.option("--clusters", "-k", type=int, default=None, help="Clusters of the cluster probe (the fit's K; training).")
 @click.option("--neighbours-out", type=_OrWord(click.Path(dir_okay=False), "auto"), default="auto",
               help="Nearest-neighbour cache (auto: <out stem>.neighbours.npz beside --out).")
 @click.option("--code-dim", type=int, default=70, help="Code dimensions C (STEGO: 70 COCO-Stuff, 100 Cityscapes).")
@@ -333,26 +339,17 @@ def report(features, masks, model, metrics, baseline, extra_models, images, samp
 @click.option("--seed", type=int, default=0)
 @click.option("--device", type=click.Choice(DEVICE_CHOICES), default="auto")
 @click.option("--overwrite", is_flag=True, help="Replace a head trained with other settings.")
-def train_head(**options) -> None:
-    """Train STEGO's segmentation head and cluster probe on cached tokens (resumable, deterministic on CPU)."""
-    from stages.head import TrainHeadSettings, run_train_head
+def head(checkpoint, head_type, **options) -> None:
+    """A STEGO (or HP) segmentation head for `fit --head`: trained here on cached tokens with STEGO's loss
+    (resumable, deterministic on CPU), or imported from a released checkpoint with --checkpoint."""
+    from stages.head import ImportHeadSettings, TrainHeadSettings, run_import_head, run_train_head
 
-    options.update(features=Path(options["features"]), out=Path(options["out"]),
-                   neighbours_out=Path(options["neighbours_out"]) if options["neighbours_out"] else None,
+    features, out = Path(options.pop("features")), Path(options.pop("out"))
+    if checkpoint:
+        click.echo(run_import_head(ImportHeadSettings(Path(checkpoint), head_type, features, out)))
+        return
+    if options["clusters"] is None:
+        raise click.UsageError("training a head needs --clusters (the fit's K)")
+    options.update(neighbours_out=Path(options["neighbours_out"]) if options["neighbours_out"] else None,
                    center=None if options["center"] == "auto" else options["center"])
-    click.echo(run_train_head(TrainHeadSettings(**options)).line())
-
-
-@main.command(name="import-head")
-@params_option
-@click.option("--checkpoint", required=True, type=click.Path(dir_okay=False, exists=True),
-              help="A released STEGO .ckpt or HP ckpt.pth (read without running pickled code).")
-@click.option("--type", "head_type", type=click.Choice(["stego", "hp"]), required=True, help="Which family it is.")
-@click.option("--features", required=True, type=click.Path(dir_okay=False),
-              help="Feature file the head will be used on: its backbone must be the checkpoint's.")
-@click.option("--out", required=True, type=click.Path(dir_okay=False), help="Head file to write.")
-def import_head(checkpoint, head_type, features, out) -> None:
-    """Convert a released STEGO or HP checkpoint into a head file for `fit --head`."""
-    from stages.head import ImportHeadSettings, run_import_head
-
-    click.echo(run_import_head(ImportHeadSettings(Path(checkpoint), head_type, Path(features), Path(out))))
+    click.echo(run_train_head(TrainHeadSettings(features=features, out=out, **options)).line())

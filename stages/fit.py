@@ -225,7 +225,7 @@ def _baseline(settings: FitSettings, features: FeatureFile, indices: np.ndarray,
 
 
 def _head_of(path: Path, features: FeatureFile) -> dict[str, Any]:
-    """The head (from `train-head` or `import-head`) to embed in the model, after checking it belongs to the
+    """The head (from `head`, trained or imported) to embed in the model, after checking it belongs to the
     backbone that made these features."""
     record = load_head(path)
     require_head_matches_features(path, record, features.path, features.provenance)

@@ -1,11 +1,11 @@
-"""Stage `train-head` / `import-head`: a STEGO (or HP) segmentation head for PriMaPs-EM to fit on.
+"""Stage `head`: a STEGO (or HP) segmentation head for PriMaPs-EM to fit on.
 
-`train-head` trains STEGO's head and cluster probe from the feature cache alone: the head is pointwise, so it
+Without a checkpoint, `head` trains STEGO's head and cluster probe from the feature cache alone: the head is pointwise, so it
 runs on cached tokens, and each step pairs a batch with one of every image's k nearest neighbours (computed
 once, faiss, cached beside the head) and with random batch partners, under STEGO's contrastive correlation
 loss. Seeded and deterministic on the CPU; a checkpoint after every epoch, from which a rerun resumes exactly.
 
-`import-head` converts a released STEGO `.ckpt` or HP `ckpt.pth` into a head file, after checking that the
+With `--checkpoint` it converts a released STEGO `.ckpt` or HP `ckpt.pth` into a head file, after checking that the
 backbone embedded in it is the one that made the cached features.
 """
 
@@ -39,7 +39,7 @@ from stages.propose import FAMILY_DEFAULTS, dataset_mean_token
 
 @dataclass(frozen=True)
 class TrainHeadSettings:
-    """Everything `train-head` needs; mirrors the CLI options and the `head` section of params.yaml.
+    """Everything training a head needs; mirrors the CLI options and the `head` section of params.yaml.
 
     The six loss constants default to STEGO's train_config.yml active block; params.yaml holds STEGO's
     per-dataset presets. `center` (auto: the backbone family's propose default) subtracts the split's mean token
@@ -91,7 +91,7 @@ class HeadSummary:
 
     def line(self) -> str:
         losses = ", ".join(f"{key} {value:.4f}" for key, value in self.last.items() if key != "epoch")
-        return f"train-head: {self.path}: {self.epochs_run} epochs run now; last epoch {losses}; {self.seconds:.1f} s"
+        return f"head: {self.path}: {self.epochs_run} epochs run now; last epoch {losses}; {self.seconds:.1f} s"
 
 
 def neighbours_path(settings: TrainHeadSettings) -> Path:
@@ -103,7 +103,7 @@ def run_train_head(settings: TrainHeadSettings, progress: bool = True,
     """Train (or resume training) a STEGO head and cluster probe on a training feature file."""
     started = time.perf_counter()
     if settings.clusters < 2 or settings.code_dim < 1 or settings.batch_size < 2 or settings.epochs < 1:
-        raise PipelineError(f"train-head: need clusters ≥ 2, code_dim ≥ 1, batch_size ≥ 2 and epochs ≥ 1 (got "
+        raise PipelineError(f"head: need clusters ≥ 2, code_dim ≥ 1, batch_size ≥ 2 and epochs ≥ 1 (got "
                             f"{settings.clusters}, {settings.code_dim}, {settings.batch_size}, {settings.epochs})")
     with FeatureFile(settings.features) as features:
         center_rule = settings.center or FAMILY_DEFAULTS[features.provenance["backbone_family"]][1]
@@ -125,7 +125,7 @@ def run_train_head(settings: TrainHeadSettings, progress: bool = True,
                                                                            len(history) + stop_after_epochs)
         center_tensor = torch.from_numpy(center.astype(np.float32)).to(device) if center is not None else None
         steps = len(_batches(indices, settings, 0))
-        bar = progress_bar(total=settings.epochs * steps, initial=len(history) * steps, desc="train-head",
+        bar = progress_bar(total=settings.epochs * steps, initial=len(history) * steps, desc="head",
                            unit="batch", enabled=progress)
         with bar:
             for epoch in range(len(history), last_epoch):
@@ -262,7 +262,7 @@ def _save(path: Path, settings: TrainHeadSettings, recipe: dict[str, Any], featu
 
 @dataclass(frozen=True)
 class ImportHeadSettings:
-    """Everything `import-head` needs: the released checkpoint, its family, and the features it must fit."""
+    """Everything importing a head needs: the released checkpoint, its family, and the features it must fit."""
 
     checkpoint: Path
     head_type: str
@@ -286,5 +286,5 @@ def run_import_head(settings: ImportHeadSettings) -> str:
         "source": {"checkpoint": str(settings.checkpoint), "sha256": sha256_file(settings.checkpoint)},
         "state": foreign.head_state, "clusters": foreign.clusters, **record, "package_version": __version__,
     })
-    return (f"import-head: {settings.out}: {spec.name} head {foreign.feature_dim} → {foreign.code_dim} dims, "
+    return (f"head: {settings.out}: {spec.name} head {foreign.feature_dim} → {foreign.code_dim} dims, "
             f"{len(foreign.clusters)} clusters, backbone {foreign.backbone}")

@@ -308,7 +308,7 @@ def test_em_on_code_features_reaches_95_percent_on_planted_data():
 
 
 def test_stego_plus_primaps_em_end_to_end_from_the_cache(camvid_features, camvid_masks, tmp_path):
-    """train-head → fit --head (EM on the code from the cluster probe) → evaluate the probe and EM side by side."""
+    """head → fit --head (EM on the code from the cluster probe) → evaluate the probe and EM side by side."""
     from stages.evaluate import EvaluateSettings, run_evaluate
     from stages.fit import FitSettings, run_fit
 

@@ -1,7 +1,7 @@
 """Head files: a segmentation head (STEGO architecture) with its cluster probe and the backbone it belongs to.
 
-Written by `train-head` (trained here from the feature cache) and `import-head` (a released STEGO or HP
-checkpoint, converted once and checked). A head file is a checkpoint (``weights_only``-loadable) of kind
+Written by `head`: trained here from the feature cache, or a released STEGO or HP checkpoint converted once
+and checked. A head file is a checkpoint (``weights_only``-loadable) of kind
 ``head``: ``head_type`` (stego | hp), ``state`` (head weights), ``clusters`` (K×C centroids), ``backbone`` and
 ``backbone_tensors_sha256`` (which frozen backbone its inputs must come from), ``source``, and for heads trained
 here their ``recipe``, ``history`` and optimiser state. Fitted models embed the head they were fitted on.
@@ -22,10 +22,9 @@ def load_head(path: str | Path) -> dict[str, Any]:
     """A finished head file, or a one-line error naming it."""
     record = load_checkpoint(path)
     if record.get("kind") != HEAD_KIND:
-        raise PipelineError(f"{path}: not a head file (kind {record.get('kind')!r}); make one with train-head "
-                            "or import-head")
+        raise PipelineError(f"{path}: not a head file (kind {record.get('kind')!r}); make one with `head`")
     if not record.get("complete"):
-        raise PipelineError(f"{path}: head training did not finish; rerun train-head to resume it")
+        raise PipelineError(f"{path}: head training did not finish; rerun `head` to resume it")
     return record
 
 
