@@ -23,7 +23,8 @@ class _Group(click.Group):
 
 
 def _load_params(ctx: click.Context, parameter: click.Parameter, value: str | None) -> None:
-    """Eager callback: option defaults from `FILE[:SECTION]` (SECTION defaults to the command name)."""
+    """Eager callback: option defaults from `FILE[:SECTION]` (SECTION defaults to the command name). A key is an
+    option's long flag with underscores (`batch_size` for `--batch-size`, `type` for `--type`)."""
     if not value:
         return
     path, _, section = value.partition(":")
@@ -31,11 +32,14 @@ def _load_params(ctx: click.Context, parameter: click.Parameter, value: str | No
         settings = load_section(path, section or ctx.command.name)
     except PipelineError as error:
         raise click.BadParameter(str(error)) from None
-    known = {option.name for option in ctx.command.params}
-    unknown = sorted(set(settings) - known)
+    destinations = {}
+    for option in ctx.command.params:
+        flags = [flag[2:].replace("-", "_") for flag in getattr(option, "opts", []) if flag.startswith("--")]
+        destinations.update({key: option.name for key in (option.name, *flags)})
+    unknown = sorted(set(settings) - set(destinations))
     if unknown:
         raise click.BadParameter(f"{path}: unknown keys for `{ctx.command.name}`: {', '.join(unknown)}")
-    ctx.default_map = {**(ctx.default_map or {}), **settings}
+    ctx.default_map = {**(ctx.default_map or {}), **{destinations[key]: value for key, value in settings.items()}}
 
 
 class _OrWord(click.ParamType):
