@@ -14,7 +14,7 @@ demo: install
 	@echo
 	@echo "Demo finished. Look at:"
 	@echo "  cache/report/index.html    gallery: crop | PriMaPs masks | pseudo label | prediction"
-	@echo "  cache/eval/metrics.json    (PATH=$(BIN):\$$PATH dvc metrics show)"
+	@echo "  results/eval/metrics.json  (PATH=$(BIN):\$$PATH dvc metrics show; dvc plots show for the curves)"
 	@echo "  cache/masks/index.jsonl    masks per image, coverage, seconds"
 
 test: install-dev
@@ -35,4 +35,4 @@ $(BIN)/.installed-dev: $(BIN)/.installed
 	touch $@
 
 clean-cache:
-	rm -rf cache/features cache/masks cache/model cache/eval cache/report
+	rm -rf cache/features cache/masks cache/model cache/report results

@@ -41,7 +41,7 @@ from pipeline.data import normalize_crops, open_dataset, prepare_crop  # noqa: E
 from pipeline.em import faiss_gpus, pca_directions, spherical_kmeans  # noqa: E402
 from pipeline.store.checkpoints import load_checkpoint  # noqa: E402
 from pipeline.store.features import FeatureFile  # noqa: E402
-from stages.evaluate import load_prototypes  # noqa: E402
+from pipeline.segmenter import load_segmenter  # noqa: E402
 from stages.extract import ExtractSettings, run_extract  # noqa: E402
 from stages.fit import FitSettings, run_fit, sample_tokens  # noqa: E402
 from stages.propose import ProposeSettings, run_propose  # noqa: E402
@@ -114,7 +114,7 @@ def check_fit(train: Path, masks: Path, work: Path, classes: int, device: torch.
                             epochs=2, batch_size=8, init_samples=20_000, kmeans_iterations=20, device=fit_device),
                 progress=False)
         checkpoint = load_checkpoint(out)
-        runs[name] = (load_prototypes(checkpoint).weight().detach().numpy(), checkpoint["history"],
+        runs[name] = (load_segmenter(checkpoint).prototypes.weight().detach().numpy(), checkpoint["history"],
                       time.perf_counter() - started)
     (cpu_weight, cpu_history, _), (device_weight, device_history, _) = runs["cpu"], runs["device"]
     gap = float(np.abs(cpu_weight - device_weight).max() / np.abs(cpu_weight).max())

@@ -24,7 +24,8 @@ class _Group(click.Group):
 
 
 def _load_params(ctx: click.Context, parameter: click.Parameter, value: str | None) -> None:
-    """Eager callback: option defaults from `FILE[:SECTION]` (SECTION defaults to the command name)."""
+    """Eager callback: option defaults from `FILE[:SECTION]` (SECTION defaults to the command name). A key is an
+    option's long flag with underscores (`batch_size` for `--batch-size`, `type` for `--type`)."""
     if not value:
         return
     path, _, section = value.partition(":")
@@ -32,16 +33,20 @@ def _load_params(ctx: click.Context, parameter: click.Parameter, value: str | No
         settings = load_section(path, section or ctx.command.name)
     except PipelineError as error:
         raise click.BadParameter(str(error)) from None
-    options = {option.name: option for option in ctx.command.params}
-    unknown = sorted(set(settings) - set(options))
+    destinations = {}
+    for option in ctx.command.params:
+        flags = [flag[2:].replace("-", "_") for flag in getattr(option, "opts", []) if flag.startswith("--")]
+        destinations.update({key: option.name for key in (option.name, *flags)})
+    unknown = sorted(set(settings) - set(destinations))
     if unknown:
         raise click.BadParameter(f"{path}: unknown keys for `{ctx.command.name}`: {', '.join(unknown)}")
+    options = {option.name: option for option in ctx.command.params}
     for key, setting in settings.items():
         try:
-            options[key].type_cast_value(ctx, setting)
+            options[destinations[key]].type_cast_value(ctx, setting)
         except click.BadParameter as error:
             raise click.BadParameter(f"{path}: {key}: {error.message}") from None
-    ctx.default_map = {**(ctx.default_map or {}), **settings}
+    ctx.default_map = {**(ctx.default_map or {}), **{destinations[key]: value for key, value in settings.items()}}
 
 
 class _OrWord(click.ParamType):
@@ -61,6 +66,14 @@ class _OrWord(click.ParamType):
 
     def get_metavar(self, param, ctx=None) -> str:
         return f"[{self.inner.name.upper()}|{self.word}]"
+
+
+def _named_path(text: str) -> tuple[str, Path]:
+    """`NAME=PATH` → (NAME, PATH), or click's usage error."""
+    name, separator, path = text.partition("=")
+    if not separator or not name or not path:
+        raise click.BadParameter(f"{text!r}: expected NAME=CHECKPOINT")
+    return name, Path(path)
 
 
 params_option = click.option(
@@ -165,6 +178,9 @@ def propose(features, out, psi, center, stop_fraction, sign_rule, crf, crf_itera
 @click.option("--history-out", type=click.Path(dir_okay=False), default=None,
               help="Per-epoch loss history (JSON, and its curves as a PNG beside it). "
                    "Default: <out stem>.history.json beside --out.")
+@click.option("--head", type=_OrWord(click.Path(dir_okay=False, exists=True), "none"), default="none",
+              help="Head file (from `head`): fit on its code, starting from its cluster probe. "
+                   "--baseline-out then receives the head's cluster probe.")
 @click.option("--holdout", type=_OrWord(click.Path(dir_okay=False, exists=True), "none"), default="none",
               help="Text file of image names (one per line) left out of the fit, e.g. a cross-validation fold "
                    "to score with `evaluate --images`.")
@@ -194,7 +210,7 @@ def fit(**options) -> None:
     """Fit the Baseline and PriMaPs-EM prototypes from cached features and masks (resumable)."""
     from stages.fit import FitSettings, run_fit
 
-    for key in ("features", "masks", "out", "baseline_out", "history_out", "holdout"):
+    for key in ("features", "masks", "out", "baseline_out", "history_out", "holdout", "head"):
         options[key] = Path(options[key]) if options[key] else None
     click.echo(run_fit(FitSettings(**options)).line())
 
@@ -205,23 +221,25 @@ def fit(**options) -> None:
 @click.option("--features", required=True, type=click.Path(dir_okay=False), help="Labelled evaluation feature file.")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Report directory.")
 @click.option("--baseline", type=click.Path(dir_okay=False), default=None, help="Also score this Baseline checkpoint.")
+@click.option("--also", "extra_models", multiple=True, metavar="NAME=CHECKPOINT",
+              help="Score this checkpoint too, as row NAME (repeatable), e.g. stego=cache/heads/stego/probe.pt.")
 @click.option("--images", type=click.Path(dir_okay=False, exists=True), default=None,
               help="Score only the images named in this text file (one per line), e.g. a fold `fit --holdout` left out.")
 @click.option("--crf/--no-crf", default=False, help="Also score CRF-refined predictions.")
 @click.option("--workers", type=allowed("evaluate", "workers", integer=True), default=1, help="CRF workers.")
 @click.option("--backend", type=click.Choice(["loky", "threading", "dask"]), default="loky")
-def evaluate(model, features, out, baseline, images, crf, workers, backend) -> None:
+def evaluate(model, features, out, baseline, extra_models, images, crf, workers, backend) -> None:
     """Dataset-level Hungarian accuracy and mIoU, with and without CRF; writes metrics.json."""
     from stages.evaluate import EvaluateSettings, run_evaluate
 
     summary = run_evaluate(EvaluateSettings(model=Path(model), features=Path(features), out=Path(out),
                                             baseline=Path(baseline) if baseline else None,
+                                            extra_models=tuple(_named_path(text) for text in extra_models),
                                             images=Path(images) if images else None, crf=crf,
                                             workers=workers, backend=backend))
-    for role in ("baseline", "primaps_em"):
-        if role not in summary:
+    for role, scores in summary.items():
+        if not isinstance(scores, dict):
             continue
-        scores = summary[role]
         click.echo(f"evaluate: {role:<10} clusters used {scores['clusters_used']}, "
                    f"largest {100 * scores['largest_cluster_share']:.1f}% of pixels")
         for variant in ("no_crf", "crf"):
@@ -288,17 +306,71 @@ def predict(model, images, out, crf, device, weights) -> None:
 @click.option("--masks", required=True, type=click.Path(file_okay=False), help="Mask directory of those features.")
 @click.option("--model", required=True, type=click.Path(dir_okay=False), help="Checkpoint from `fit`.")
 @click.option("--metrics", required=True, type=click.Path(file_okay=False), help="Output directory of `evaluate`.")
+@click.option("--baseline", type=click.Path(dir_okay=False), default=None,
+              help="Show this Baseline's predictions too (before the model's), as `evaluate --baseline`.")
+@click.option("--also", "extra_models", multiple=True, metavar="NAME=CHECKPOINT",
+              help="Show this model's predictions too, after the model's (repeatable), as `evaluate --also`.")
 @click.option("--images", multiple=True, metavar="NAME", help="Training image to show (repeatable). Default: a sample.")
 @click.option("--sample", type=allowed("report", "sample", integer=True), default=12,
               help="Number of randomly chosen gallery images.")
 @click.option("--seed", type=allowed("report", "seed", integer=True), default=0, help="Seed of the random sample.")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Report directory (index.html).")
-def report(features, masks, model, metrics, images, sample, seed, out) -> None:
+def report(features, masks, model, metrics, baseline, extra_models, images, sample, seed, out) -> None:
     """One HTML page: the evaluation metrics (per-class table and confusion matrix from `evaluate --out`) on
     top, then the `inspect` gallery of TRAINING images (masks exist only for the training split), with
     their masks, pseudo labels and predictions. An unlabelled evaluation split gives "no labels: no metrics"."""
     from stages.report import ReportSettings, run_report
 
     settings = ReportSettings(features=Path(features), masks=Path(masks), model=Path(model), metrics=Path(metrics),
-                              out=Path(out), images=tuple(images), sample=sample, seed=seed)
+                              out=Path(out), baseline=Path(baseline) if baseline else None,
+                              extra_models=tuple(_named_path(text) for text in extra_models), images=tuple(images),
+                              sample=sample, seed=seed)
     click.echo(run_report(settings).line())
+
+
+@main.command()
+@params_option
+@click.option("--features", required=True, type=click.Path(dir_okay=False),
+              help="TRAINING feature file (the head is trained on it, or an imported head must match its backbone).")
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="Head file to write.")
+@click.option("--checkpoint", type=_OrWord(click.Path(dir_okay=False, exists=True), "none"), default="none",
+              help="Import this released STEGO .ckpt or HP ckpt.pth (read without running pickled code) instead "
+                   "of training a head.")
+@click.option("--type", "head_type", type=click.Choice(["stego", "hp"]), default="stego",
+              help="Family of --checkpoint.")
+@click.option("--clusters", "-k", type=int, default=None, help="Clusters of the cluster probe (the fit's K; training).")
+@click.option("--neighbours-out", type=_OrWord(click.Path(dir_okay=False), "auto"), default="auto",
+              help="Nearest-neighbour cache (auto: <out stem>.neighbours.npz beside --out).")
+@click.option("--code-dim", type=int, default=70, help="Code dimensions C (STEGO: 70 COCO-Stuff, 100 Cityscapes).")
+@click.option("--pos-intra-weight", type=float, default=0.67, help="λ of (image, itself) pairs.")
+@click.option("--pos-intra-shift", type=float, default=0.18, help="b of (image, itself) pairs.")
+@click.option("--pos-inter-weight", type=float, default=0.25, help="λ of (image, nearest neighbour) pairs.")
+@click.option("--pos-inter-shift", type=float, default=0.12, help="b of (image, nearest neighbour) pairs.")
+@click.option("--neg-inter-weight", type=float, default=0.63, help="λ of (image, random image) pairs.")
+@click.option("--neg-inter-shift", type=float, default=0.46, help="b of (image, random image) pairs.")
+@click.option("--feature-samples", type=int, default=11, help="Sample points per side (S×S per image).")
+@click.option("--neg-samples", type=int, default=5, help="Random-partner rounds per step.")
+@click.option("--neighbours", type=int, default=7, help="k of the nearest neighbours a partner is drawn from.")
+@click.option("--center", type=click.Choice(["auto", "none", "dataset_mean"]), default="auto",
+              help="Subtract the split's mean token before feature correlations (auto: as propose, per backbone).")
+@click.option("--epochs", type=int, default=100)
+@click.option("--batch-size", type=int, default=16)
+@click.option("--learning-rate", type=float, default=5e-4, help="Adam learning rate of the head.")
+@click.option("--probe-learning-rate", type=float, default=5e-3, help="Adam learning rate of the cluster probe.")
+@click.option("--seed", type=int, default=0)
+@click.option("--device", type=click.Choice(DEVICE_CHOICES), default="auto")
+@click.option("--overwrite", is_flag=True, help="Replace a head trained with other settings.")
+def head(checkpoint, head_type, **options) -> None:
+    """A STEGO (or HP) segmentation head for `fit --head`: trained here on cached tokens with STEGO's loss
+    (resumable, deterministic on CPU), or imported from a released checkpoint with --checkpoint."""
+    from stages.head import ImportHeadSettings, TrainHeadSettings, run_import_head, run_train_head
+
+    features, out = Path(options.pop("features")), Path(options.pop("out"))
+    if checkpoint:
+        click.echo(run_import_head(ImportHeadSettings(Path(checkpoint), head_type, features, out)))
+        return
+    if options["clusters"] is None:
+        raise click.UsageError("training a head needs --clusters (the fit's K)")
+    options.update(neighbours_out=Path(options["neighbours_out"]) if options["neighbours_out"] else None,
+                   center=None if options["center"] == "auto" else options["center"])
+    click.echo(run_train_head(TrainHeadSettings(features=features, out=out, **options)).line())

@@ -8,6 +8,7 @@ confusion-matrix picture.
 
 from __future__ import annotations
 
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,11 +19,12 @@ import torch
 from threadpoolctl import threadpool_limits
 
 from pipeline.crf import CRFParams, dense_crf
-from pipeline.em import Prototypes
+from pipeline.errors import PipelineError
 from pipeline.metrics import SegmentationEvaluator, confusion_matrix
 from pipeline.parallel import parallel_unordered
 from pipeline.progress import progress_bar
 from pipeline.ranges import check_ranges
+from pipeline.segmenter import Segmenter, load_segmenter
 from pipeline.store.atomic import write_json_atomic, write_text_atomic
 from pipeline.store.checkpoints import load_checkpoint, require_matching_features
 from pipeline.store.features import FeatureFile, shared_feature_file
@@ -37,12 +39,17 @@ CLUSTERS_NAME = "clusters.png"
 
 @dataclass(frozen=True)
 class EvaluateSettings:
-    """Everything `evaluate` needs; mirrors the CLI options and the `evaluate` section of params.yaml."""
+    """Everything `evaluate` needs; mirrors the CLI options and the `evaluate` section of params.yaml.
+
+    `extra_models` are further (name, checkpoint) rows scored beside the Baseline and PriMaPs-EM, e.g. a
+    STEGO head's cluster probe and PriMaPs-EM fitted on that head.
+    """
 
     model: Path
     features: Path
     out: Path
     baseline: Path | None = None
+    extra_models: tuple[tuple[str, Path], ...] = ()
     images: Path | None = None
     crf: bool = False
     crf_params: CRFParams = CRFParams()
@@ -54,25 +61,14 @@ class EvaluateSettings:
         check_ranges("evaluate", vars(self))
 
 
-def load_prototypes(checkpoint: dict[str, Any]) -> Prototypes:
-    """θ_M of a checkpoint. A Baseline checkpoint (the k-means init) scores with cosine logits, as the reference
-    scores its Baseline; an EM model with its raw-feature logits."""
-    state = checkpoint["momentum"]
-    prototypes = Prototypes(*state["direction"].shape, cosine=checkpoint["kind"] == "baseline")
-    prototypes.load_state_dict(state)
-    return prototypes.eval().requires_grad_(False)
-
-
 def run_evaluate(settings: EvaluateSettings, progress: bool = True) -> dict[str, Any]:
-    """Score the model (and the Baseline, when given) with and without CRF; write the reports.
+    """Score every model (the Baseline, PriMaPs-EM and any extra rows) with and without CRF; write the reports.
 
     An unlabelled split gets no accuracy, only how the pixels spread over the clusters (which still
     shows a collapsed fit), so a pipeline over plain photos runs end to end.
     """
     started = time.perf_counter()
-    models = {"primaps_em": settings.model}
-    if settings.baseline is not None:
-        models = {"baseline": settings.baseline, **models}
+    models = model_rows(settings)
     with FeatureFile(settings.features) as features:
         class_names = features.provenance.get("class_names") if features.has_labels else None
         indices = features.valid_indices()
@@ -83,19 +79,31 @@ def run_evaluate(settings: EvaluateSettings, progress: bool = True) -> dict[str,
         for role, path in models.items():
             checkpoint = load_checkpoint(path)
             require_matching_features(path, checkpoint, settings.features, features.provenance)
-            prototypes = load_prototypes(checkpoint)
-            evaluator, usage = _score(prototypes, features, indices, class_names, settings, progress)
+            model = load_segmenter(checkpoint)
+            evaluator, usage = _score(model, features, indices, class_names, settings, progress)
             scores: dict[str, Any] = {"model": str(path), "kind": checkpoint["kind"],
                                       "cluster_share": (usage / max(usage.sum(), 1)).round(4).tolist()}
             if evaluator is not None:
                 scores["no_crf"] = evaluator.evaluate()
                 if settings.crf:
-                    scores["crf"] = _score_crf(prototypes, features, indices, class_names, settings, progress).evaluate()
+                    scores["crf"] = _score_crf(model, features, indices, class_names, settings, progress).evaluate()
             results[role] = scores
     summary = _summary(results, labelled=class_names is not None)
     _write_reports(settings.out, results, summary, class_names, settings.features)
     summary["seconds"] = round(time.perf_counter() - started, 1)
     return summary
+
+
+def model_rows(settings: EvaluateSettings) -> dict[str, Path]:
+    """Row name → checkpoint, in table order: Baseline, PriMaPs-EM, then the extra rows."""
+    rows = {"baseline": settings.baseline} if settings.baseline is not None else {}
+    rows["primaps_em"] = settings.model
+    for name, path in settings.extra_models:
+        if not re.fullmatch(r"[a-z][a-z0-9_]*", name) or name in rows:
+            raise PipelineError(f"--also {name}={path}: a row name is lower-case letters, digits and _, not "
+                                f"{', '.join(rows)}")
+        rows[name] = path
+    return rows
 
 
 def _summary(results: dict[str, Any], labelled: bool) -> dict[str, Any]:
@@ -127,10 +135,10 @@ def _write_reports(out: Path, results: dict[str, Any], summary: dict[str, Any], 
     save_confusion_figure(figures / CONFUSION_NAME, np.array(final["confusion"]), class_names)
 
 
-def _score(prototypes: Prototypes, features: FeatureFile, indices: np.ndarray, class_names: list[str] | None,
+def _score(model: Segmenter, features: FeatureFile, indices: np.ndarray, class_names: list[str] | None,
            settings: EvaluateSettings, progress: bool) -> tuple[SegmentationEvaluator | None, np.ndarray]:
     """θ_M argmax at crop size over the split: the evaluator (when labelled) and pixels per cluster."""
-    clusters = prototypes.direction.shape[0]
+    clusters = model.num_clusters
     evaluator = SegmentationEvaluator(len(class_names), clusters, class_names) if class_names else None
     usage = np.zeros(clusters, np.int64)
     size = (features.resolution, features.resolution)
@@ -139,17 +147,17 @@ def _score(prototypes: Prototypes, features: FeatureFile, indices: np.ndarray, c
         batch = indices[start:start + settings.batch_size]
         tokens = torch.from_numpy(np.stack([features.flip_average_features(int(i)) for i in batch]).astype(np.float32))
         with torch.no_grad():
-            predictions = prototypes.pixel_classes(tokens, size).numpy()
+            predictions = model.pixel_classes(tokens, size).numpy()
         usage += np.bincount(predictions.ravel(), minlength=clusters)
         if evaluator is not None:
             evaluator.process(predictions, np.stack([features.label(int(i)) for i in batch]))
     return evaluator, usage
 
 
-def _score_crf(prototypes: Prototypes, features: FeatureFile, indices: np.ndarray, class_names: list[str],
+def _score_crf(model: Segmenter, features: FeatureFile, indices: np.ndarray, class_names: list[str],
                settings: EvaluateSettings, progress: bool) -> SegmentationEvaluator:
-    evaluator = SegmentationEvaluator(len(class_names), prototypes.direction.shape[0], class_names)
-    tasks = [(str(settings.features), int(i), prototypes, settings.crf_params, len(class_names))
+    evaluator = SegmentationEvaluator(len(class_names), model.num_clusters, class_names)
+    tasks = [(str(settings.features), int(i), model, settings.crf_params, len(class_names))
              for i in indices]
     for counts in progress_bar(parallel_unordered(_crf_confusion, tasks, settings.workers, settings.backend),
                                total=len(tasks), desc="evaluate + CRF", unit="img", enabled=progress, leave=False):
@@ -157,16 +165,16 @@ def _score_crf(prototypes: Prototypes, features: FeatureFile, indices: np.ndarra
     return evaluator
 
 
-def _crf_confusion(features_path: str, index: int, prototypes: Prototypes, crf: CRFParams,
+def _crf_confusion(features_path: str, index: int, model: Segmenter, crf: CRFParams,
                    num_classes: int) -> np.ndarray:
     """One image's clusters×classes counts after CRF refinement of θ_M's logits."""
     with threadpool_limits(1), torch.no_grad():
         features = shared_feature_file(features_path)
         tokens = torch.from_numpy(features.flip_average_features(index).astype(np.float32))[None]
         size = (features.resolution, features.resolution)
-        log_probs = torch.log_softmax(prototypes.pixel_logits(tokens, size), dim=1)[0].numpy()
+        log_probs = torch.log_softmax(model.pixel_logits(tokens, size), dim=1)[0].numpy()
         refined = dense_crf(features.crop(index), log_probs, crf).argmax(axis=0)
-        return confusion_matrix(refined, features.label(index), prototypes.direction.shape[0], num_classes)
+        return confusion_matrix(refined, features.label(index), model.num_clusters, num_classes)
 
 
 def _per_class_table(results: dict[str, Any], class_names: list[str]) -> str:

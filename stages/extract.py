@@ -17,6 +17,7 @@ import torch
 
 from pipeline import __version__
 from pipeline.backbones import ViT, build_backbone, get_spec
+from pipeline.backbones.checkpoint import tensors_fingerprint
 from pipeline.data import (
     IMAGENET_MEAN,
     IMAGENET_STD,
@@ -115,6 +116,7 @@ def run_extract(settings: ExtractSettings, progress: bool = True) -> ExtractSumm
         "backbone": settings.backbone,
         "backbone_family": spec.family,
         "weights_sha256": weights_id,
+        "backbone_tensors_sha256": tensors_fingerprint(model.state_dict()),
         "position_interpolation": spec.position_interpolation,
         "resolution": resolution,
         "grid": resolution // spec.patch_size,

@@ -21,17 +21,26 @@ from tqdm import tqdm
 
 from pipeline import __version__
 from pipeline.device import resolve_device
+from pipeline.backbones.checkpoint import tensors_fingerprint
 from pipeline.em import EMConfig, PrimapsEM, faiss_gpus, pca_directions, spherical_kmeans
 from pipeline.errors import PipelineError
+from pipeline.heads import build_head
+from pipeline.heads.stego import SegmentationHead
 from pipeline.progress import progress_bar
 from pipeline.ranges import check_ranges
+from pipeline.segmenter import code_of
 from pipeline.store import masks as mask_store
 from pipeline.store.atomic import write_json_atomic
 from pipeline.store.checkpoints import load_checkpoint, save_checkpoint
 from pipeline.store.features import FeatureFile
+from pipeline.store.heads import load_head, require_head_matches_features
 from pipeline.store.image_lists import list_fingerprint, read_image_list, select_indices
-from pipeline.store.provenance import differences
+from pipeline.store.provenance import differences, fingerprint
 from pipeline.viz import save_history_figure
+
+
+CLUSTER_PROBE_GAIN = 2.0
+"""STEGO's and HP's cluster probes score log_softmax(2·cos) at evaluation (alpha = 2)."""
 
 
 @dataclass(frozen=True)
@@ -51,6 +60,7 @@ class FitSettings:
     baseline_out: Path | None = None
     history_out: Path | None = None
     holdout: Path | None = None
+    head: Path | None = None
     epochs: int = 10
     batch_size: int = 32
     learning_rate: float = 2e-3
@@ -73,7 +83,7 @@ class FitSettings:
     def recipe(self, holdout: list[str] | None = None) -> dict[str, Any]:
         """The settings that change the result (paths, device and overwrite do not; the held-out images do)."""
         recipe = asdict(self)
-        for key in ("features", "masks", "out", "baseline_out", "history_out", "device", "overwrite"):
+        for key in ("features", "masks", "out", "baseline_out", "history_out", "head", "device", "overwrite"):
             recipe.pop(key)
         recipe["holdout"] = list_fingerprint(holdout)
         return recipe
@@ -131,21 +141,28 @@ def run_fit(settings: FitSettings, progress: bool = True, stop_after_epochs: int
         records = mask_store.read_index(settings.masks)
         mask_store.require_finished(settings.masks, [features.names[int(i)] for i in indices], records)
         recipe = settings.recipe(holdout)
+        head = _head_of(settings.head, features) if settings.head else None
+        if head is not None:
+            provenance["head"] = {key: head[key] for key in ("head_type", "source", "fingerprint")}
         partial = settings.out.with_name(settings.out.name + ".partial")
         existing = _existing_run(settings, recipe, partial, provenance)
         if existing is not None and existing.get("complete"):
-            restored = _restore_companions(settings, features, settings.init_recipe(holdout), existing)
+            restored = _restore_companions(settings, features, settings.init_recipe(holdout), existing, head)
             return FitSummary(settings.out, 0, existing["history"][-1]["loss"],
                               existing["history"][-1]["labelled_fraction"], time.perf_counter() - started, restored)
         device = resolve_device(settings.device)
-        init = _baseline(settings, features, indices, settings.init_recipe(holdout),
-                         gpu=device.type == "cuda" and faiss_gpus() > 0,
-                         fitted_init=existing["init"] if existing is not None else None)
+        if head is None:
+            init = _baseline(settings, features, indices, settings.init_recipe(holdout),
+                             gpu=device.type == "cuda" and faiss_gpus() > 0,
+                             fitted_init=existing["init"] if existing is not None else None)
+        else:
+            init = _cluster_probe(settings, features, head)
         config = EMConfig(num_classes=settings.classes, learning_rate=settings.learning_rate,
                           ema_every=settings.ema_every, ema_max_decay=settings.ema_max_decay, gamma=settings.gamma,
                           min_share=settings.min_share, teacher_fallback=settings.teacher_fallback,
                           mask_weighting=settings.mask_weighting, seed=settings.seed)
         em = PrimapsEM(init, config, device)
+        head_module = build_head(head["state"]).to(device) if head is not None else None
         history: list[dict[str, float]] = []
         if existing is not None:
             em.load_state_dict(existing["em"])
@@ -156,12 +173,12 @@ def run_fit(settings: FitSettings, progress: bool = True, stop_after_epochs: int
                            desc="fit", unit="batch", enabled=progress)
         with bar:
             for epoch in range(len(history), last_epoch):
-                history.append(_run_epoch(em, features, indices, records, settings, epoch, bar))
-                _save(partial, recipe, provenance, init, em, history, complete=False)
+                history.append(_run_epoch(em, features, indices, records, settings, epoch, bar, head_module))
+                _save(partial, recipe, provenance, init, em, history, head, complete=False)
                 _write_history(settings, history)
     epochs_run = last_epoch - (len(existing["history"]) if existing else 0)
     if len(history) == settings.epochs:
-        _save(settings.out, recipe, provenance, init, em, history, complete=True)
+        _save(settings.out, recipe, provenance, init, em, history, head, complete=True)
         partial.unlink(missing_ok=True)
     last = history[-1] if history else {"loss": float("nan"), "labelled_fraction": 0.0}
     return FitSummary(settings.out, epochs_run, last["loss"], last["labelled_fraction"], time.perf_counter() - started)
@@ -239,14 +256,24 @@ def _save_baseline(settings: FitSettings, features: FeatureFile, recipe: dict[st
 
 
 def _restore_companions(settings: FitSettings, features: FeatureFile, recipe: dict[str, Any],
-                        model: dict[str, Any]) -> list[Path]:
-    """A finished model and its Baseline and history belong together: rewrite, from the model, whichever
-    of the two is missing, unreadable or not the model's own. Returns the paths rewritten."""
+                        model: dict[str, Any], head: dict[str, Any] | None) -> list[Path]:
+    """A finished model and its Baseline (the head's cluster probe, with a head) and history belong together:
+    rewrite whichever of them is missing, unreadable or not the model's own, from the model (or the head).
+    Returns the paths rewritten."""
     restored = []
-    stored = _stored_baseline(settings, features, recipe)
-    if stored is None or not torch.equal(stored, model["init"]):
-        _save_baseline(settings, features, recipe, model["init"])
-        restored.append(baseline_path(settings))
+    if head is None:
+        stored = _stored_baseline(settings, features, recipe)
+        if stored is None or not torch.equal(stored, model["init"]):
+            _save_baseline(settings, features, recipe, model["init"])
+            restored.append(baseline_path(settings))
+    else:
+        try:
+            intact = torch.equal(load_checkpoint(baseline_path(settings))["init"], model["init"])
+        except (PipelineError, KeyError):
+            intact = False
+        if not intact:
+            _cluster_probe(settings, features, head)
+            restored.append(baseline_path(settings))
     try:
         history_ok = json.loads(history_path(settings).read_text(encoding="utf-8")) == model["history"]
     except (OSError, ValueError):
@@ -255,6 +282,33 @@ def _restore_companions(settings: FitSettings, features: FeatureFile, recipe: di
         _write_history(settings, model["history"])
         restored.append(history_path(settings))
     return restored
+
+
+def _head_of(path: Path, features: FeatureFile) -> dict[str, Any]:
+    """The head (from `head`, trained or imported) to embed in the model, after checking it belongs to the
+    backbone that made these features."""
+    record = load_head(path)
+    require_head_matches_features(path, record, features.path, features.provenance)
+    embedded = {key: record[key] for key in ("head_type", "source", "state", "clusters", "backbone",
+                                             "backbone_tensors_sha256")}
+    embedded["fingerprint"] = fingerprint(tensors_fingerprint({**record["state"], "clusters": record["clusters"]}))
+    return embedded
+
+
+def _cluster_probe(settings: FitSettings, features: FeatureFile, head: dict[str, Any]) -> np.ndarray:
+    """The head's cluster-probe centroids: θ_R's and θ_M's start (as in the reference), and — written to the
+    Baseline path as a `cluster-probe` model — the head's own segmentation, scored with log_softmax(2·cos)."""
+    clusters = head["clusters"].to(torch.float32)
+    if len(clusters) != settings.classes:
+        raise PipelineError(f"--classes {settings.classes}: the head's cluster probe has {len(clusters)} clusters")
+    probe = {"direction": clusters, "gain": torch.full((len(clusters),), CLUSTER_PROBE_GAIN)}
+    save_checkpoint(baseline_path(settings), {
+        "kind": "cluster-probe", "complete": True, "recipe": {"classes": settings.classes},
+        "provenance": {"features": features.provenance, "head": head["fingerprint"], "package_version": __version__},
+        "features_provenance": features.provenance, "init": clusters, "momentum": probe, "running": probe,
+        "history": [], "head": head,
+    })
+    return clusters.numpy()
 
 
 def sample_tokens(features: FeatureFile, count: int, seed: int, indices: np.ndarray | None = None) -> np.ndarray:
@@ -272,11 +326,11 @@ def sample_tokens(features: FeatureFile, count: int, seed: int, indices: np.ndar
 
 
 def _run_epoch(em: PrimapsEM, features: FeatureFile, indices: np.ndarray, records: dict[str, mask_store.MaskRecord],
-               settings: FitSettings, epoch: int, bar: tqdm) -> dict[str, float]:
+               settings: FitSettings, epoch: int, bar: tqdm, head: SegmentationHead | None) -> dict[str, float]:
     order = np.random.default_rng([settings.seed, epoch]).permutation(indices)
     batches = [order[start:start + settings.batch_size] for start in range(0, len(order), settings.batch_size)]
     losses, labelled = [], []
-    for clean, student, masks in _prefetch(features, records, settings, epoch, batches):
+    for clean, student, masks in _prefetch(features, records, settings, epoch, batches, head):
         stats = em.step(clean, student, masks)
         losses.append(stats["loss"])
         labelled.append(stats["labelled_fraction"])
@@ -287,8 +341,8 @@ def _run_epoch(em: PrimapsEM, features: FeatureFile, indices: np.ndarray, record
 
 
 def _prefetch(features: FeatureFile, records: dict[str, mask_store.MaskRecord], settings: FitSettings, epoch: int,
-              batches: list[np.ndarray]) -> Iterator[tuple[torch.Tensor, ...]]:
-    """Read batch i+1 from HDF5 in a background thread while batch i trains."""
+              batches: list[np.ndarray], head: SegmentationHead | None) -> Iterator[tuple[torch.Tensor, ...]]:
+    """Read batch i+1 from HDF5 (and run the head on it) in a background thread while batch i trains."""
     rng = np.random.default_rng([settings.seed, epoch, 1])
     draws = [rng.integers(0, max(features.views, 1), len(batch)) for batch in batches]
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="fit-read") as pool:
@@ -297,14 +351,16 @@ def _prefetch(features: FeatureFile, records: dict[str, mask_store.MaskRecord], 
             following = None
             if position < len(batches):
                 following = pool.submit(_read_batch, features, settings.masks, records, batches[position],
-                                        draws[position], settings.augmented_student)
+                                        draws[position], settings.augmented_student, head)
             if pending is not None:
                 yield pending.result()
             pending = following
 
 
 def _read_batch(features: FeatureFile, masks: Path, records: dict[str, mask_store.MaskRecord], batch: np.ndarray,
-                views: np.ndarray, augmented_student: bool) -> tuple[torch.Tensor, ...]:
+                views: np.ndarray, augmented_student: bool, head: SegmentationHead | None) -> tuple[torch.Tensor, ...]:
+    """Clean tokens (the teacher's), one view's tokens (the student's), both through the head when there is one,
+    and the mask maps (checked against their index records)."""
     clean = np.stack([features.features(int(index)) for index in batch]).astype(np.float32)
     if features.views and augmented_student:
         student = np.stack([features.view_features(int(index), int(view))
@@ -313,16 +369,19 @@ def _read_batch(features: FeatureFile, masks: Path, records: dict[str, mask_stor
         student = clean
     names = [features.names[int(index)] for index in batch]
     mask_maps = np.stack([mask_store.read_mask(masks, name, records.get(name), features.resolution) for name in names])
-    return torch.from_numpy(clean), torch.from_numpy(student), torch.from_numpy(mask_maps)
+    device = next(head.parameters()).device if head is not None else torch.device("cpu")
+    clean_code = code_of(head, torch.from_numpy(clean).to(device))
+    student_code = clean_code if student is clean else code_of(head, torch.from_numpy(student).to(device))
+    return clean_code, student_code, torch.from_numpy(mask_maps)
 
 
 def _save(path: Path, recipe: dict[str, Any], provenance: dict[str, Any], init: np.ndarray, em: PrimapsEM,
-          history: list[dict[str, float]], complete: bool) -> None:
+          history: list[dict[str, float]], head: dict[str, Any] | None, complete: bool) -> None:
     state = em.state_dict()
     save_checkpoint(path, {
         "kind": "primaps-em", "complete": complete, "recipe": recipe, "provenance": provenance,
         "features_provenance": provenance["features"], "init": torch.as_tensor(init, dtype=torch.float32),
         "momentum": {key: value.cpu() for key, value in state["momentum"].items()},
         "running": {key: value.cpu() for key, value in state["running"].items()},
-        "em": state, "history": history,
+        "em": state, "history": history, "head": head,
     })

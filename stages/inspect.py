@@ -16,10 +16,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipeline.em import Prototypes, e_step
+from pipeline.em import e_step
 from pipeline.errors import PipelineError
 from pipeline.progress import progress_bar
 from pipeline.ranges import check_ranges
+from pipeline.segmenter import Segmenter, load_segmenter
 from pipeline.store import masks as mask_store
 from pipeline.store.atomic import write_text_atomic
 from pipeline.store.checkpoints import load_checkpoint, require_matching_features
@@ -35,21 +36,29 @@ from pipeline.viz import (
     panel_strip,
     save_png,
 )
-from stages.evaluate import load_prototypes
 
 GALLERY_NAME = "index.html"
-COLOUR_NOTE = ("Colours of model outputs are cluster ids and colours of the ground truth are class ids; they are "
-               "not matched, so equal colours in the two do not mean the same class. Black: unlabelled / ignore.")
+COLOUR_NOTE = ("Panels marked (clusters) are coloured by cluster id and the ground truth by class id; those are not "
+               "matched, so equal colours there do not mean the same class. Panels marked (classes) show each "
+               "cluster as the class `evaluate` matched it to, in the ground truth's colours. Black: unlabelled / "
+               "ignore.")
 
 
 @dataclass(frozen=True)
 class InspectSettings:
-    """Everything `inspect` needs; mirrors the CLI options."""
+    """Everything `inspect` needs; mirrors the CLI options.
+
+    `model` gives the pseudo-label panel; `predictions` are the (name, checkpoint) models whose predictions are
+    shown side by side, in order (default: `model`'s alone). A model with an entry in `matchings` (its
+    cluster of each class, from `evaluate`) is coloured by matched class, like the ground truth.
+    """
 
     features: Path
     masks: Path
     out: Path
     model: Path | None = None
+    predictions: tuple[tuple[str, Path], ...] = ()
+    matchings: tuple[tuple[str, tuple[int, ...]], ...] = ()
     images: tuple[str, ...] = ()
     sample: int = 12
     seed: int = 0
@@ -74,11 +83,11 @@ class InspectSummary:
 class _Model:
     path: Path
     checkpoint: dict[str, Any]
-    prototypes: Prototypes
+    segmenter: Segmenter
 
     @property
     def classes(self) -> int:
-        return int(self.prototypes.direction.shape[0])
+        return self.segmenter.num_clusters
 
     @property
     def e_step_options(self) -> dict[str, Any]:
@@ -94,6 +103,9 @@ def run_inspect(settings: InspectSettings, progress: bool = True) -> InspectSumm
     with FeatureFile(settings.features) as features:
         mask_provenance = mask_store.require_made_from(settings.masks, features.path, features.provenance)
         model = _load_model(settings.model, features) if settings.model else None
+        rows = settings.predictions or ((("prediction", settings.model),) if settings.model else ())
+        predictions = [(name, _load_model(path, features)) for name, path in rows]
+        matchings = dict(settings.matchings)
         chosen = choose_images(features, records, settings.images, settings.sample, settings.seed)
         class_names = features.provenance.get("class_names") if features.has_labels else None
         figures = []
@@ -102,7 +114,8 @@ def run_inspect(settings: InspectSettings, progress: bool = True) -> InspectSumm
             record = records.get(name)
             mask_map = mask_store.read_mask(settings.masks, name, record, features.resolution)
             picture = name_path(settings.out, name, ".png")
-            save_png(picture, panel_strip(_panels(features, index, mask_map, model, class_names)))
+            panels = _panels(features, index, mask_map, model, predictions, matchings, class_names)
+            save_png(picture, panel_strip(panels))
             relative = picture.relative_to(settings.out).as_posix()
             figures.append((relative, f"{name}: {record.masks} masks, coverage {100 * record.coverage:.1f}%"))
         sections = _sections(features.provenance, mask_provenance, model, class_names)
@@ -132,31 +145,45 @@ def choose_images(features: FeatureFile, records: dict[str, mask_store.MaskRecor
 def _load_model(path: Path, features: FeatureFile) -> _Model:
     checkpoint = load_checkpoint(path)
     require_matching_features(path, checkpoint, features.path, features.provenance)
-    return _Model(Path(path), checkpoint, load_prototypes(checkpoint))
+    return _Model(Path(path), checkpoint, load_segmenter(checkpoint))
 
 
 def _panels(features: FeatureFile, index: int, mask_map: np.ndarray, model: _Model | None,
+            predictions: list[tuple[str, _Model]], matchings: dict[str, tuple[int, ...]],
             class_names: list[str] | None) -> list[tuple[str, np.ndarray]]:
     crop = features.crop(index)
+    size = crop.shape[:2]
     panels = [("crop", crop), ("PriMaPs masks", overlay(crop, mask_map, palette(mask_store.BACKGROUND), alpha=0.6,
                                                          outline=True))]
     if model is not None:
-        colours = palette(model.classes)
-        size = crop.shape[:2]
-        clean = _logits(model.prototypes, features.features(index), size)
+        clean = _logits(model.segmenter, features.features(index), size)
         pseudo = e_step(clean, torch.tensor(mask_map)[None], model.classes, **model.e_step_options)[0].numpy()
-        prediction = _logits(model.prototypes, features.flip_average_features(index), size).argmax(dim=1)[0].numpy()
-        panels += [("pseudo label (clusters)", colourise(pseudo, colours)),
-                   ("prediction (clusters)", colourise(prediction.astype(np.uint8), colours))]
+        panels.append(("pseudo label (clusters)", colourise(pseudo, palette(model.classes))))
+    for name, predictor in predictions:
+        clusters = _logits(predictor.segmenter, features.flip_average_features(index), size).argmax(dim=1)[0].numpy()
+        if name in matchings and class_names is not None:
+            panels.append((f"{name} (classes)", colourise(_matched(clusters, matchings[name]),
+                                                          palette(len(class_names)))))
+        else:
+            panels.append((f"{name} (clusters)", colourise(clusters.astype(np.uint8), palette(predictor.classes))))
     if class_names is not None:
         panels.append(("ground truth (classes)", colourise(features.label(index), palette(len(class_names)))))
     return panels
 
 
+def _matched(clusters: np.ndarray, cluster_of_class: tuple[int, ...]) -> np.ndarray:
+    """Cluster ids → the class each cluster was matched to (Hungarian, by `evaluate`); unmatched → 255."""
+    class_of_cluster = np.full(max(int(clusters.max()) + 1, max(cluster_of_class) + 1), 255, np.uint8)
+    for cls, cluster in enumerate(cluster_of_class):
+        if cluster >= 0:
+            class_of_cluster[cluster] = cls
+    return class_of_cluster[clusters]
+
+
 @torch.no_grad()
-def _logits(prototypes: Prototypes, tokens: np.ndarray, size: tuple[int, int]) -> torch.Tensor:
+def _logits(segmenter: Segmenter, tokens: np.ndarray, size: tuple[int, int]) -> torch.Tensor:
     """θ_M's logits (1×K×H×W) at crop size for one image's g×g×C tokens."""
-    return prototypes.pixel_logits(torch.from_numpy(tokens.astype(np.float32))[None], size)
+    return segmenter.pixel_logits(torch.from_numpy(tokens.astype(np.float32))[None], size)
 
 
 def _sections(feature_provenance: dict[str, Any], mask_provenance: dict[str, Any], model: _Model | None,

@@ -26,14 +26,13 @@ from pipeline.crf import CRFParams, dense_crf
 from pipeline.data import IMAGENET_MEAN, IMAGENET_STD, normalize_crops
 from pipeline.data.base import image_size, read_rgb_image
 from pipeline.device import resolve_device
-from pipeline.em import Prototypes
 from pipeline.errors import PipelineError
 from pipeline.progress import progress_bar
+from pipeline.segmenter import Segmenter, load_segmenter
 from pipeline.store.atomic import write_json_atomic
 from pipeline.store.checkpoints import load_checkpoint
 from pipeline.store.names import name_path, unsafe_reason
 from pipeline.viz import overlay, palette, save_png
-from stages.evaluate import load_prototypes
 
 
 OVERLAY_SUFFIX = "_overlay"
@@ -70,7 +69,7 @@ def model_input_size(width: int, height: int, resolution: int, patch_size: int) 
 
 
 @torch.inference_mode()
-def segment(image: np.ndarray, backbone: ViT, prototypes: Prototypes, resolution: int,
+def segment(image: np.ndarray, backbone: ViT, model: Segmenter, resolution: int,
             crf: CRFParams | None = None, device: torch.device = torch.device("cpu")) -> np.ndarray:
     """uint8 H×W cluster ids for a uint8 H×W×3 image of any size (see the module docstring for the sizing)."""
     height, width = image.shape[:2]
@@ -79,8 +78,8 @@ def segment(image: np.ndarray, backbone: ViT, prototypes: Prototypes, resolution
     with torch.autocast(device.type, dtype=torch.float16, enabled=device.type == "cuda"):
         tokens = backbone(normalize_crops(resized[None]).to(device))
     if crf is None:
-        return prototypes.pixel_classes(tokens.float(), (height, width))[0].to(torch.uint8).cpu().numpy()
-    log_probs = torch.log_softmax(prototypes.pixel_logits(tokens.float(), (height, width)), dim=1)[0].float().cpu().numpy()
+        return model.pixel_classes(tokens.float(), (height, width))[0].to(torch.uint8).cpu().numpy()
+    log_probs = torch.log_softmax(model.pixel_logits(tokens.float(), (height, width)), dim=1)[0].float().cpu().numpy()
     return dense_crf(image, log_probs, crf).argmax(axis=0).astype(np.uint8)
 
 
@@ -94,13 +93,13 @@ def run_predict(settings: PredictSettings, progress: bool = True) -> PredictSumm
     backbone = _build_backbone(settings, fitted)
     device = resolve_device(settings.device)
     backbone = backbone.to(device)
-    prototypes = load_prototypes(checkpoint).to(device)
-    colours = palette(prototypes.direction.shape[0])
+    model = load_segmenter(checkpoint).to(device)
+    colours = palette(model.num_clusters)
     crf = settings.crf_params if settings.crf else None
     outputs = {}
     for path, stem in progress_bar(list(zip(settings.images, stems)), desc="predict", unit="img", enabled=progress):
         image = np.asarray(read_rgb_image(Path(path), apply_orientation=True), dtype=np.uint8)
-        clusters = segment(image, backbone, prototypes, int(fitted["resolution"]), crf, device)
+        clusters = segment(image, backbone, model, int(fitted["resolution"]), crf, device)
         save_png(name_path(settings.out, stem, ".png"), clusters)
         save_png(name_path(settings.out, stem + OVERLAY_SUFFIX, ".png"), overlay(image, clusters, colours))
         outputs[str(path)] = f"{stem}.png"

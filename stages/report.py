@@ -20,7 +20,7 @@ from pipeline.ranges import check_ranges
 from pipeline.store.atomic import atomic_path, write_text_atomic
 from pipeline.store.checkpoints import load_checkpoint
 from pipeline.viz import definition_table_html, gallery_html, markdown_table_html, save_history_figure
-from stages.evaluate import CLUSTERS_NAME, CONFUSION_NAME, FIGURES_DIRECTORY
+from stages.evaluate import CLUSTERS_NAME, CONFUSION_NAME, FIGURES_DIRECTORY, EvaluateSettings, model_rows
 from stages.inspect import InspectSettings, run_inspect
 
 GALLERY_DIRECTORY = "gallery"
@@ -30,13 +30,16 @@ NO_METRICS = "<p class=\"note\">no labels: no metrics</p>"
 
 @dataclass(frozen=True)
 class ReportSettings:
-    """Everything `report` needs; mirrors the CLI options."""
+    """Everything `report` needs; mirrors the CLI options. The gallery shows the predictions of the Baseline (when
+    given), the model and the extra rows side by side, like the paper's Figure 4."""
 
     features: Path
     masks: Path
     model: Path
     metrics: Path
     out: Path
+    baseline: Path | None = None
+    extra_models: tuple[tuple[str, Path], ...] = ()
     images: tuple[str, ...] = ()
     sample: int = 12
     seed: int = 0
@@ -60,8 +63,14 @@ def run_report(settings: ReportSettings, progress: bool = True) -> ReportSummary
     """Render the gallery into `out/gallery` and write `out/index.html` with the metrics above it."""
     if not settings.metrics.is_dir():
         raise PipelineError(f"{settings.metrics}: not a directory (pass the --out directory of `evaluate`)")
+    rows = model_rows(EvaluateSettings(model=settings.model, features=settings.features, out=settings.metrics,
+                                       baseline=settings.baseline, extra_models=settings.extra_models))
+    details = _read_json(settings.metrics / "details.json") or {}
+    matchings = tuple((name, tuple(details[name]["no_crf"]["matching"])) for name in rows
+                      if "no_crf" in details.get(name, {}))
     gallery = run_inspect(InspectSettings(features=settings.features, masks=settings.masks,
                                           out=settings.out / GALLERY_DIRECTORY, model=settings.model,
+                                          predictions=tuple(rows.items()), matchings=matchings,
                                           images=settings.images, sample=settings.sample, seed=settings.seed),
                           progress)
     metrics, has_metrics = _metrics_sections(settings)

@@ -7,7 +7,7 @@ from click.testing import CliRunner
 
 from pipeline.cli import main
 
-COMMANDS = ("extract", "propose", "fit", "evaluate", "inspect", "predict", "report")
+COMMANDS = ("extract", "propose", "fit", "evaluate", "inspect", "predict", "report", "head")
 
 
 @pytest.mark.parametrize("command", COMMANDS)

@@ -114,3 +114,18 @@ def test_experiments_are_compared_by_dvc_exp_show_metrics_diff_and_offline_plots
     assert any(source.endswith(".png") for source in sources)
     assert not [source for source in sources if re.match(r"[a-z]+://", source)], sources
     assert "http://" not in page and "https://" not in page
+
+
+def test_a_head_experiment_runs_stego_plus_primaps_em_end_to_end(project):
+    """`dvc exp run -S 'heads=[cityscapes]'` adds head → fit_head → evaluate_head → report_head; nothing else reruns."""
+    run([str(BIN / "dvc"), "repro"], project)
+    commit_all(project, "plain run")
+    log = run([str(BIN / "dvc"), "exp", "run", "-n", "stego", "-S", "heads=[cityscapes]", "-S", "head.epochs=1",
+               "-S", "head.batch_size=2", "-S", "head.neighbours=2", "-S", "head.code_dim=8"], project)
+    assert stages_run(log) == {"head@cityscapes", "fit_head@cityscapes", "evaluate_head@cityscapes",
+                               "report_head@cityscapes"}
+    metrics = json.loads((project / "results" / "cityscapes" / "eval" / "metrics.json").read_text())
+    assert list(metrics)[1:] == ["baseline", "primaps_em", "cityscapes", "cityscapes_primaps_em"]
+    for row in ("cityscapes", "cityscapes_primaps_em"):
+        assert isinstance(metrics[row]["no_crf"]["miou"], float)
+    assert (project / "cache" / "report_cityscapes" / "index.html").exists()

@@ -12,7 +12,8 @@ import torch
 
 from pipeline.errors import PipelineError
 from pipeline.store.checkpoints import load_checkpoint
-from stages.evaluate import EvaluateSettings, load_prototypes, run_evaluate
+from pipeline.segmenter import load_segmenter
+from stages.evaluate import EvaluateSettings, run_evaluate
 from stages.extract import ExtractSettings, run_extract
 from stages.fit import FitSettings, baseline_path, run_fit
 
@@ -95,12 +96,12 @@ def test_evaluation_predictions_match_the_fitted_momentum_prototypes(camvid_feat
     settings = fit_settings(camvid_features, camvid_masks, tmp_path / "model.pt", epochs=1)
     run_fit(settings, progress=False)
     checkpoint = load_checkpoint(settings.out)
-    prototypes = load_prototypes(checkpoint)
+    prototypes = load_segmenter(checkpoint).prototypes
     weight = checkpoint["momentum"]["gain"][:, None] * torch.nn.functional.normalize(checkpoint["momentum"]["direction"], dim=1)
     tokens = torch.randn(2, 16, 16, 384)
     assert not prototypes.cosine
     assert torch.allclose(prototypes(tokens), torch.einsum("bhwc,kc->bkhw", tokens, weight), atol=1e-5)
-    baseline = load_prototypes(load_checkpoint(baseline_path(settings)))
+    baseline = load_segmenter(load_checkpoint(baseline_path(settings))).prototypes
     assert baseline.cosine
     cosines = baseline.pixel_logits(tokens, (32, 32))
     assert cosines.abs().max() <= 1 + 1e-5 and cosines.std() > 0.01

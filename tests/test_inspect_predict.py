@@ -15,7 +15,8 @@ from pipeline.errors import PipelineError
 from pipeline.store.checkpoints import load_checkpoint, save_checkpoint
 from pipeline.store.features import FeatureFile
 from pipeline.viz import TITLE_HEIGHT
-from stages.evaluate import EvaluateSettings, load_prototypes, run_evaluate
+from pipeline.segmenter import load_segmenter
+from stages.evaluate import EvaluateSettings, run_evaluate
 from stages.extract import ExtractSettings, run_extract
 from stages.fit import FitSettings, run_fit
 from stages.inspect import InspectSettings, run_inspect
@@ -106,7 +107,7 @@ def test_predict_on_a_cached_crop_matches_the_cached_features(camvid_features, m
     run_predict(PredictSettings(model=model, images=(tmp_path / "crop.png",), out=tmp_path / "out", device="cpu"),
                 progress=False)
     with torch.no_grad():
-        logits = load_prototypes(load_checkpoint(model))(torch.from_numpy(tokens)[None])
+        logits = load_segmenter(load_checkpoint(model)).prototypes(torch.from_numpy(tokens)[None])
         expected = torch.nn.functional.interpolate(logits, size=crop.shape[:2], mode="bilinear").argmax(1)[0].numpy()
     agreement = (np.asarray(Image.open(tmp_path / "out" / "crop.png")) == expected).mean()
     assert agreement > 0.99  # cached tokens are float16
@@ -150,3 +151,10 @@ def test_report_without_labels_says_so(camvid, camvid_features, camvid_masks, mo
     assert not summary.has_metrics and "no labels: no metrics" in text and "Confusion" not in text
     links = linked_files(page)
     assert tmp_path / "report" / "clusters.png" in links and all(link.is_file() for link in links)
+
+
+def test_predictions_are_recoloured_by_the_class_each_cluster_was_matched_to():
+    from stages.inspect import _matched
+
+    clusters = np.array([[0, 1], [2, 3]])
+    np.testing.assert_array_equal(_matched(clusters, (2, 0, -1)), [[1, 255], [0, 255]])

@@ -29,6 +29,16 @@ def sha256_file(path: str | Path) -> str:
     return digest.hexdigest()
 
 
+def tensors_fingerprint(state: dict[str, Tensor]) -> str:
+    """Hex SHA-256 of a state dict's float32 values in key order: the same weights give the same id whatever
+    file (official .pth, a STEGO checkpoint that embeds them, an ONNX export) they came from."""
+    digest = hashlib.sha256()
+    for key in sorted(state):
+        digest.update(key.encode("utf-8"))
+        digest.update(state[key].detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
 def backbone_state_dict(checkpoint: dict) -> dict[str, Tensor]:
     """The backbone's tensors of an official checkpoint, under the ViT's own key names."""
     for key in WRAPPER_KEYS:

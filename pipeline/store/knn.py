@@ -1,0 +1,46 @@
+"""The nearest-neighbour file of a feature split (STEGO's KNN pairs), computed once and reused.
+
+``FILE.npz`` holds ``neighbours`` (N×(k+1) int64 feature-file indices, the image itself first), ``names`` (the
+feature file's image names, to detect a file made for other images) and ``provenance`` (JSON: the features'
+provenance, k and the descriptor's centring).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pipeline.errors import PipelineError
+from pipeline.store.atomic import atomic_path
+from pipeline.store.provenance import differences
+
+
+def write_neighbours(path: str | Path, neighbours: np.ndarray, names: list[str], provenance: dict[str, Any]) -> None:
+    """Atomically write a neighbour table."""
+    with atomic_path(path) as temporary, open(temporary, "wb") as stream:
+        np.savez(stream, neighbours=neighbours.astype(np.int64), names=np.array(names, dtype=str),
+                 provenance=np.array(json.dumps(provenance, sort_keys=True)))
+
+
+def read_neighbours(path: str | Path, names: list[str], provenance: dict[str, Any]) -> np.ndarray | None:
+    """The table at `path` if it was made for these images and settings; None if there is none; an error naming
+    the file if it is unreadable or made otherwise (delete it to recompute)."""
+    path = Path(path)
+    if not path.exists():
+        return None
+    try:
+        with np.load(path, allow_pickle=False) as stored:
+            neighbours, stored_names = stored["neighbours"], stored["names"].tolist()
+            stored_provenance = json.loads(str(stored["provenance"]))
+    except (OSError, ValueError, KeyError, json.JSONDecodeError) as error:
+        raise PipelineError(f"{path}: not a readable neighbour file ({error.__class__.__name__}); delete it") from None
+    changed = differences(stored_provenance, provenance)
+    if changed or stored_names != names:
+        reason = "; ".join(changed[:3]) or "other images"
+        raise PipelineError(f"{path}: neighbours made for other features or settings ({reason}); delete it")
+    if neighbours.ndim != 2 or len(neighbours) != len(names) or neighbours.min() < 0 or neighbours.max() >= len(names):
+        raise PipelineError(f"{path}: neighbour table of shape {neighbours.shape} does not fit {len(names)} images")
+    return neighbours

@@ -1,0 +1,290 @@
+"""Stage `head`: a STEGO (or HP) segmentation head for PriMaPs-EM to fit on.
+
+Without a checkpoint, `head` trains STEGO's head and cluster probe from the feature cache alone: the head is pointwise, so it
+runs on cached tokens, and each step pairs a batch with one of every image's k nearest neighbours (computed
+once, faiss, cached beside the head) and with random batch partners, under STEGO's contrastive correlation
+loss. Seeded and deterministic on the CPU; a checkpoint after every epoch, from which a rerun resumes exactly.
+
+With `--checkpoint` it converts a released STEGO `.ckpt` or HP `ckpt.pth` into a head file, after checking that the
+backbone embedded in it is the one that made the cached features.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from pipeline import __version__
+from pipeline.backbones.checkpoint import sha256_file
+from pipeline.device import resolve_device
+from pipeline.errors import PipelineError
+from pipeline.heads.neighbours import global_descriptor, nearest_images
+from pipeline.heads.registry import get_head_spec
+from pipeline.heads.stego import ClusterProbe, SegmentationHead
+from pipeline.heads.stego_loss import CorrelationConfig, contrastive_correlation_loss
+from pipeline.progress import progress_bar
+from pipeline.store.checkpoints import load_checkpoint, save_checkpoint
+from pipeline.store.features import FeatureFile
+from pipeline.store.heads import HEAD_KIND, require_head_matches_features
+from pipeline.store.knn import read_neighbours, write_neighbours
+from pipeline.store.provenance import differences
+from stages.propose import FAMILY_DEFAULTS, dataset_mean_token
+
+
+@dataclass(frozen=True)
+class TrainHeadSettings:
+    """Everything training a head needs; mirrors the CLI options and the `head` section of params.yaml.
+
+    The six loss constants default to STEGO's train_config.yml active block; params.yaml holds STEGO's
+    per-dataset presets. `center` (auto: the backbone family's propose default) subtracts the split's mean token
+    before the feature correlations and the neighbour descriptors: raw DINOv2 tokens share a dominant direction
+    that would make every pair of points look alike.
+    """
+
+    features: Path
+    out: Path
+    clusters: int
+    neighbours_out: Path | None = None
+    code_dim: int = 70
+    pos_intra_weight: float = 0.67
+    pos_intra_shift: float = 0.18
+    pos_inter_weight: float = 0.25
+    pos_inter_shift: float = 0.12
+    neg_inter_weight: float = 0.63
+    neg_inter_shift: float = 0.46
+    feature_samples: int = 11
+    neg_samples: int = 5
+    neighbours: int = 7
+    center: str | None = None
+    epochs: int = 100
+    batch_size: int = 16
+    learning_rate: float = 5e-4
+    probe_learning_rate: float = 5e-3
+    seed: int = 0
+    device: str = "auto"
+    overwrite: bool = False
+
+    def recipe(self, center: str) -> dict[str, Any]:
+        recipe = asdict(self)
+        for key in ("features", "out", "neighbours_out", "device", "overwrite"):
+            recipe.pop(key)
+        return {**recipe, "center": center}
+
+    def correlation(self) -> CorrelationConfig:
+        return CorrelationConfig(self.pos_intra_weight, self.pos_intra_shift, self.pos_inter_weight,
+                                 self.pos_inter_shift, self.neg_inter_weight, self.neg_inter_shift,
+                                 self.feature_samples, self.neg_samples)
+
+
+@dataclass
+class HeadSummary:
+    path: Path
+    epochs_run: int
+    last: dict[str, float]
+    seconds: float
+
+    def line(self) -> str:
+        losses = ", ".join(f"{key} {value:.4f}" for key, value in self.last.items() if key != "epoch")
+        return f"head: {self.path}: {self.epochs_run} epochs run now; last epoch {losses}; {self.seconds:.1f} s"
+
+
+def neighbours_path(settings: TrainHeadSettings) -> Path:
+    return settings.neighbours_out or settings.out.with_name(settings.out.stem + ".neighbours.npz")
+
+
+def run_train_head(settings: TrainHeadSettings, progress: bool = True,
+                   stop_after_epochs: int | None = None) -> HeadSummary:
+    """Train (or resume training) a STEGO head and cluster probe on a training feature file."""
+    started = time.perf_counter()
+    if settings.clusters < 2 or settings.code_dim < 1 or settings.batch_size < 2 or settings.epochs < 1:
+        raise PipelineError(f"head: need clusters ≥ 2, code_dim ≥ 1, batch_size ≥ 2 and epochs ≥ 1 (got "
+                            f"{settings.clusters}, {settings.code_dim}, {settings.batch_size}, {settings.epochs})")
+    with FeatureFile(settings.features) as features:
+        center_rule = settings.center or FAMILY_DEFAULTS[features.provenance["backbone_family"]][1]
+        center = dataset_mean_token(features) if center_rule == "dataset_mean" else None
+        recipe = settings.recipe(center_rule)
+        partial = settings.out.with_name(settings.out.name + ".partial")
+        existing = _existing(settings, partial, recipe, features.provenance)
+        if existing is not None and existing.get("complete"):
+            return HeadSummary(settings.out, 0, existing["history"][-1], time.perf_counter() - started)
+        indices = features.valid_indices()
+        neighbours = _neighbours(settings, features, indices, center, center_rule)
+        device = resolve_device(settings.device)
+        trainer = _Trainer(settings, features.dim, device)
+        history: list[dict[str, float]] = []
+        if existing is not None:
+            trainer.load_state_dict(existing["training"])
+            history = list(existing["history"])
+        last_epoch = settings.epochs if stop_after_epochs is None else min(settings.epochs,
+                                                                           len(history) + stop_after_epochs)
+        center_tensor = torch.from_numpy(center.astype(np.float32)).to(device) if center is not None else None
+        steps = len(_batches(indices, settings, 0))
+        bar = progress_bar(total=settings.epochs * steps, initial=len(history) * steps, desc="head",
+                           unit="batch", enabled=progress)
+        with bar:
+            for epoch in range(len(history), last_epoch):
+                totals: dict[str, float] = {}
+                for batch in _batches(indices, settings, epoch):
+                    partners = _partners(neighbours, indices, batch, settings, epoch)
+                    losses = trainer.step(_tokens(features, batch, device), _tokens(features, partners, device),
+                                          center_tensor)
+                    for key, value in losses.items():
+                        totals[key] = totals.get(key, 0.0) + value / steps
+                    bar.set_postfix(epoch=f"{epoch + 1}/{settings.epochs}", loss=f"{losses['loss']:.4f}", refresh=False)
+                    bar.update()
+                history.append({"epoch": epoch + 1, **totals})
+                _save(partial, settings, recipe, features.provenance, trainer, history, complete=False)
+    if len(history) == settings.epochs:
+        _save(settings.out, settings, recipe, features.provenance, trainer, history, complete=True)
+        partial.unlink(missing_ok=True)
+    epochs_run = len(history) - (len(existing["history"]) if existing else 0)
+    return HeadSummary(settings.out, epochs_run, history[-1] if history else {}, time.perf_counter() - started)
+
+
+class _Trainer:
+    """The head, its cluster probe, their optimisers and every random stream, so that a resumed run continues
+    exactly as an uninterrupted one (dropout draws from torch's global generator, sampling from its own)."""
+
+    def __init__(self, settings: TrainHeadSettings, feature_dim: int, device: torch.device) -> None:
+        torch.manual_seed(settings.seed)
+        self.settings = settings
+        self.config = settings.correlation()
+        self.head = SegmentationHead(feature_dim, settings.code_dim).to(device)
+        self.probe = ClusterProbe(settings.code_dim, settings.clusters).to(device)
+        self.head_optimizer = torch.optim.Adam(self.head.parameters(), lr=settings.learning_rate)
+        self.probe_optimizer = torch.optim.Adam(self.probe.parameters(), lr=settings.probe_learning_rate)
+        self.generator = torch.Generator().manual_seed(settings.seed)
+
+    def step(self, tokens: Tensor, partner_tokens: Tensor, center: Tensor | None) -> dict[str, float]:
+        """One optimisation step on B images and their B sampled neighbours (tokens B×h×w×D)."""
+        self.head.train()
+        code, partner_code = self.head(tokens), self.head(partner_tokens)
+        signal = tokens if center is None else tokens - center
+        partner_signal = partner_tokens if center is None else partner_tokens - center
+        signal = self.head.dropout(signal.permute(0, 3, 1, 2))
+        partner_signal = self.head.dropout(partner_signal.permute(0, 3, 1, 2))
+        losses = contrastive_correlation_loss(signal, partner_signal, code.permute(0, 3, 1, 2),
+                                              partner_code.permute(0, 3, 1, 2), self.config, self.generator)
+        probe_loss = self.probe.loss(code)
+        self.head_optimizer.zero_grad(set_to_none=True)
+        self.probe_optimizer.zero_grad(set_to_none=True)
+        (losses["loss"] + probe_loss).backward()
+        self.head_optimizer.step()
+        self.probe_optimizer.step()
+        return {**{key: value.item() for key, value in losses.items()}, "probe": probe_loss.item()}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"head": self.head.state_dict(), "probe": self.probe.state_dict(),
+                "head_optimizer": self.head_optimizer.state_dict(), "probe_optimizer": self.probe_optimizer.state_dict(),
+                "generator": self.generator.get_state(), "torch_rng": torch.get_rng_state()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.head.load_state_dict(state["head"])
+        self.probe.load_state_dict(state["probe"])
+        self.head_optimizer.load_state_dict(state["head_optimizer"])
+        self.probe_optimizer.load_state_dict(state["probe_optimizer"])
+        self.generator.set_state(state["generator"])
+        torch.set_rng_state(state["torch_rng"])
+
+
+def _batches(indices: np.ndarray, settings: TrainHeadSettings, epoch: int) -> list[np.ndarray]:
+    """The epoch's seeded batches; a last batch of one image is dropped (it has no random partner)."""
+    order = np.random.default_rng([settings.seed, epoch]).permutation(indices)
+    batches = [order[start:start + settings.batch_size] for start in range(0, len(order), settings.batch_size)]
+    return [batch for batch in batches if len(batch) >= 2]
+
+
+def _partners(neighbours: np.ndarray, indices: np.ndarray, batch: np.ndarray, settings: TrainHeadSettings,
+              epoch: int) -> np.ndarray:
+    """For each image one of its k nearest neighbours (ranks 1..k, never itself), drawn per epoch and batch."""
+    rng = np.random.default_rng([settings.seed, epoch, int(batch[0]), 2])
+    rows = np.searchsorted(indices, batch)
+    ranks = rng.integers(1, neighbours.shape[1], len(batch))
+    return indices[neighbours[rows, ranks]]
+
+
+def _tokens(features: FeatureFile, batch: np.ndarray, device: torch.device) -> Tensor:
+    return torch.from_numpy(np.stack([features.features(int(index)) for index in batch]).astype(np.float32)).to(device)
+
+
+def _neighbours(settings: TrainHeadSettings, features: FeatureFile, indices: np.ndarray, center: np.ndarray | None,
+                center_rule: str) -> np.ndarray:
+    """Each image's k nearest images (positions in `indices`): read from the neighbour file or computed once."""
+    path = neighbours_path(settings)
+    names = [features.names[int(index)] for index in indices]
+    provenance = {"features": features.provenance, "k": settings.neighbours, "center": center_rule,
+                  "descriptor": "mean-pooled tokens, L2-normalised"}
+    stored = read_neighbours(path, names, provenance)
+    if stored is not None:
+        return stored
+    descriptors = np.stack([global_descriptor(features.features(int(index)), center) for index in indices])
+    neighbours = nearest_images(descriptors, settings.neighbours)
+    write_neighbours(path, neighbours, names, provenance)
+    return neighbours
+
+
+def _existing(settings: TrainHeadSettings, partial: Path, recipe: dict[str, Any],
+              features_provenance: dict[str, Any]) -> dict[str, Any] | None:
+    for path in (settings.out, partial):
+        if not path.exists():
+            continue
+        if settings.overwrite:
+            path.unlink()
+            continue
+        record = load_checkpoint(path)
+        changed = differences(record.get("recipe", {}), recipe) + differences(record.get("features_provenance", {}),
+                                                                                features_provenance)
+        if changed:
+            raise PipelineError(f"{path}: made with different settings: {'; '.join(changed[:3])}; "
+                                "rerun with --overwrite to replace it")
+        return record
+    return None
+
+
+def _save(path: Path, settings: TrainHeadSettings, recipe: dict[str, Any], features_provenance: dict[str, Any],
+          trainer: _Trainer, history: list[dict[str, float]], complete: bool) -> None:
+    save_checkpoint(path, {
+        "kind": HEAD_KIND, "complete": complete, "head_type": "stego", "source": "trained",
+        "state": {key: value.cpu() for key, value in trainer.head.state_dict().items()},
+        "clusters": trainer.probe.clusters.detach().cpu(),
+        "backbone": features_provenance["backbone"],
+        "backbone_tensors_sha256": features_provenance.get("backbone_tensors_sha256"),
+        "features_provenance": features_provenance, "recipe": recipe, "history": history,
+        "training": trainer.state_dict(), "package_version": __version__,
+    })
+
+
+@dataclass(frozen=True)
+class ImportHeadSettings:
+    """Everything importing a head needs: the released checkpoint, its family, and the features it must fit."""
+
+    checkpoint: Path
+    head_type: str
+    features: Path
+    out: Path
+
+
+def run_import_head(settings: ImportHeadSettings) -> str:
+    """Convert a released STEGO / HP checkpoint into a head file; refuse it when its backbone is not the one
+    that made `settings.features`. Returns the summary line."""
+    spec = get_head_spec(settings.head_type)
+    foreign = spec.read_official(settings.checkpoint)
+    with FeatureFile(settings.features) as features:
+        record = {"backbone": foreign.backbone, "backbone_tensors_sha256": foreign.backbone_tensors_sha256}
+        require_head_matches_features(settings.checkpoint, record, settings.features, features.provenance)
+        if foreign.feature_dim != features.dim:
+            raise PipelineError(f"{settings.checkpoint}: head takes {foreign.feature_dim}-dim tokens, "
+                                f"{settings.features} holds {features.dim}-dim ones")
+    save_checkpoint(settings.out, {
+        "kind": HEAD_KIND, "complete": True, "head_type": spec.name,
+        "source": {"checkpoint": str(settings.checkpoint), "sha256": sha256_file(settings.checkpoint)},
+        "state": foreign.head_state, "clusters": foreign.clusters, **record, "package_version": __version__,
+    })
+    return (f"head: {settings.out}: {spec.name} head {foreign.feature_dim} → {foreign.code_dim} dims, "
+            f"{len(foreign.clusters)} clusters, backbone {foreign.backbone}")
