@@ -14,7 +14,12 @@ from pydensecrf import densecrf
 
 @dataclass(frozen=True)
 class CRFParams:
-    """Mean-field iterations and the Gaussian (smoothness) and bilateral (appearance) kernels."""
+    """Mean-field iterations, the Gaussian (smoothness) and bilateral (appearance) kernels, and the probability floor.
+
+    Probabilities below `probability_floor` are raised to it before the unary −log p, as pydensecrf's
+    `unary_from_softmax` (clip 1e-5) does in STEGO's and the PriMaPs reference's CRF: a pixel the model is
+    certain about costs at most −log(1e-5) ≈ 11.5 to relabel, however sharp its logits.
+    """
 
     iterations: int = 10
     gaussian_sxy: float = 1
@@ -22,13 +27,14 @@ class CRFParams:
     bilateral_sxy: float = 67
     bilateral_srgb: float = 3
     bilateral_compat: float = 4
+    probability_floor: float = 1e-5
 
 
 def dense_crf(image: np.ndarray, log_probs: np.ndarray, params: CRFParams = CRFParams()) -> np.ndarray:
     """Refine per-pixel label distributions on an RGB image with a dense CRF.
 
-    image: uint8 H×W×3 crop; log_probs: L×H×W log-probabilities (log-softmax of logits), whose
-    negation is the unary energy. Returns the float32 L×H×W mean-field marginals.
+    image: uint8 H×W×3 crop; log_probs: L×H×W log-probabilities (log-softmax of logits), whose negation,
+    capped at −log(probability_floor), is the unary energy. Returns the float32 L×H×W mean-field marginals.
     """
     if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
         raise ValueError(f"dense_crf needs a uint8 H×W×3 image, got {image.dtype} {image.shape}")
@@ -36,7 +42,9 @@ def dense_crf(image: np.ndarray, log_probs: np.ndarray, params: CRFParams = CRFP
         raise ValueError(f"dense_crf needs L×H×W log-probabilities for a {image.shape[:2]} image, got {log_probs.shape}")
     labels, height, width = log_probs.shape
     crf = densecrf.DenseCRF2D(width, height, labels)
-    crf.setUnaryEnergy(np.ascontiguousarray(-log_probs.reshape(labels, -1), dtype=np.float32))
+    floor = np.log(params.probability_floor) if params.probability_floor > 0 else -np.inf
+    unary = -np.maximum(log_probs.reshape(labels, -1), floor)
+    crf.setUnaryEnergy(np.ascontiguousarray(unary, dtype=np.float32))
     crf.addPairwiseGaussian(sxy=params.gaussian_sxy, compat=params.gaussian_compat)
     crf.addPairwiseBilateral(
         sxy=params.bilateral_sxy,

@@ -68,6 +68,19 @@ def test_without_pairwise_terms_the_unary_decides():
     np.testing.assert_array_equal(dense_crf(image, log_probs, unary_only).argmax(axis=0), log_probs.argmax(axis=0))
 
 
+def test_probabilities_below_the_floor_cost_no_more_than_the_floor():
+    """Unary-only, one pixel, log-probabilities 0, -20, -50: with the 1e-5 floor labels 1 and 2 both cost
+    −log(1e-5), so their marginals are equal; without it the -50 label is far less likely."""
+    image = np.zeros((1, 1, 3), np.uint8)
+    log_probs = np.array([0.0, -20.0, -50.0], np.float32).reshape(3, 1, 1)
+    floored = dense_crf(image, log_probs, CRFParams(gaussian_compat=0, bilateral_compat=0, iterations=1))[:, 0, 0]
+    assert floored[1] == pytest.approx(floored[2], rel=1e-6)
+    assert floored[1] == pytest.approx(1e-5 / (1 + 2e-5), rel=1e-3)
+    raw = dense_crf(image, log_probs, CRFParams(gaussian_compat=0, bilateral_compat=0, iterations=1,
+                                                probability_floor=0))[:, 0, 0]
+    assert raw[2] < 1e-3 * raw[1]
+
+
 def test_rejects_mismatched_inputs():
     image, _ = two_halves()
     with pytest.raises(ValueError):
