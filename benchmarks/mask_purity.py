@@ -34,10 +34,12 @@ def main() -> None:
     with FeatureFile(args.features) as features:
         for directory in args.masks:
             primaps = mask_store.read_provenance(directory)["primaps"]
+            records = mask_store.read_index(directory)
             totals = [0, 0, 0, 0, 0]
             images = pixels = 0
             for index in features.valid_indices():
-                ids = mask_store.read_mask(directory, features.names[int(index)])
+                name = features.names[int(index)]
+                ids = mask_store.read_mask(directory, name, records.get(name), features.resolution)
                 counts = purity_counts(ids, features.label(int(index)))
                 totals = [total + count for total, count in zip(totals, counts)]
                 images, pixels = images + 1, pixels + ids.size

@@ -10,6 +10,7 @@ from pipeline import __version__
 from pipeline.device import DEVICE_CHOICES
 from pipeline.errors import PipelineError
 from pipeline.params import load_section
+from pipeline.ranges import allowed
 
 
 class _Group(click.Group):
@@ -39,6 +40,12 @@ def _load_params(ctx: click.Context, parameter: click.Parameter, value: str | No
     unknown = sorted(set(settings) - set(destinations))
     if unknown:
         raise click.BadParameter(f"{path}: unknown keys for `{ctx.command.name}`: {', '.join(unknown)}")
+    options = {option.name: option for option in ctx.command.params}
+    for key, setting in settings.items():
+        try:
+            options[destinations[key]].type_cast_value(ctx, setting)
+        except click.BadParameter as error:
+            raise click.BadParameter(f"{path}: {key}: {error.message}") from None
     ctx.default_map = {**(ctx.default_map or {}), **{destinations[key]: value for key, value in settings.items()}}
 
 
@@ -91,20 +98,21 @@ def main() -> None:
 @click.option("--backbone", default="dinov2_vits14_imgfocus", help="Backbone registry name.")
 @click.option("--weights", type=_OrWord(click.Path(dir_okay=False, exists=True), "none"), default="none",
               help="Local official checkpoint (.pth) for DINO / DINOv2 backbones.")
-@click.option("--resolution", type=_OrWord(click.INT, "auto"), default="auto",
+@click.option("--resolution", type=_OrWord(allowed("extract", "resolution", integer=True), "auto"), default="auto",
               help="Crop size R (shorter side → R, centre crop). Default: 320 for /8 and /16, 322 for /14.")
-@click.option("--views", type=int, default=0, help="Photometrically augmented views per image cached for EM.")
+@click.option("--views", type=allowed("extract", "views", integer=True), default=0,
+              help="Photometrically augmented views per image cached for EM.")
 @click.option("--mirror-views/--no-mirror-views", default=True,
               help="Take every second view (1, 3, ...) of the mirrored image (the reference's flip augmentation).")
 @click.option("--flip-average/--no-flip-average", default=False, help="Also cache flip-averaged tokens (evaluation).")
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="Output HDF5 file.")
-@click.option("--batch-size", type=int, default=8)
+@click.option("--batch-size", type=allowed("extract", "batch_size", integer=True), default=8)
 @click.option("--device", type=click.Choice(DEVICE_CHOICES), default="auto")
-@click.option("--seed", type=int, default=0, help="Seed of the augmented views.")
-@click.option("--max-images", type=_OrWord(click.INT, "all"), default="all",
+@click.option("--seed", type=allowed("extract", "seed", integer=True), default=0, help="Seed of the augmented views.")
+@click.option("--max-images", type=_OrWord(allowed("extract", "max_images", integer=True), "all"), default="all",
               help="Use only the first N images (quick runs).")
 @click.option("--skip-bad", is_flag=True, help="Record unreadable images as skipped instead of stopping.")
-@click.option("--ignore-value", type=_OrWord(click.INT, "auto"), default="auto",
+@click.option("--ignore-value", type=_OrWord(allowed("extract", "ignore_value", integer=True), "auto"), default="auto",
               help="labelled_folder only: the label value that marks void pixels (auto: 255).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing file made with other settings.")
 @click.option("--random-init", is_flag=True, hidden=True, help="Random backbone weights (tests and benchmarks).")
@@ -120,21 +128,24 @@ def extract(**options) -> None:
 @params_option
 @click.option("--features", required=True, type=click.Path(dir_okay=False), help="Feature file from `extract`.")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Mask directory (PNGs + index).")
-@click.option("--psi", type=_OrWord(click.FLOAT, "auto"), default="auto",
+@click.option("--psi", type=_OrWord(allowed("propose", "psi"), "auto"), default="auto",
               help="Cosine threshold ψ (fraction of the best match). Default: 0.8 for DINOv2, 0.4 for DINO.")
 @click.option("--center", type=click.Choice(["auto", "none", "dataset_mean"]), default="auto",
               help="Subtract the split's mean token before PCA and cosine (none = the paper's rule). "
                    "Default: dataset_mean for DINOv2, none for DINO.")
-@click.option("--stop-fraction", type=float, default=0.95, help="Stop once this fraction of tokens is assigned.")
+@click.option("--stop-fraction", type=allowed("propose", "stop_fraction"), default=0.95,
+              help="Stop once this fraction of tokens is assigned.")
 @click.option("--sign-rule", type=click.Choice(["mean", "reference"]), default="mean",
               help="Sign of each principal direction: mean = the available tokens' mean projects positively; "
                    "reference = the first available token projects negatively (what the authors' code returns).")
 @click.option("--crf/--no-crf", default=True, help="Dense-CRF refinement of the masks.")
-@click.option("--crf-iterations", type=int, default=10)
-@click.option("--workers", type=int, default=1, help="Parallel workers (processes for loky and dask).")
+@click.option("--crf-iterations", type=allowed("propose", "crf_iterations", integer=True), default=10)
+@click.option("--workers", type=allowed("propose", "workers", integer=True), default=1,
+              help="Parallel workers (processes for loky and dask).")
 @click.option("--backend", type=click.Choice(["loky", "threading", "dask"]), default="loky")
 @click.option("--scheduler", default=None, help="Dask scheduler address (tcp://host:port); with --backend dask.")
-@click.option("--timeout", type=float, default=600.0, help="Seconds one image may take before it is recorded as failed.")
+@click.option("--timeout", type=allowed("propose", "timeout"), default=600.0,
+              help="Seconds one image may take before it is recorded as failed.")
 @click.option("--overwrite", is_flag=True, help="Replace masks made with other settings.")
 def propose(features, out, psi, center, stop_fraction, sign_rule, crf, crf_iterations, workers, backend, scheduler,
             timeout, overwrite) -> None:
@@ -159,7 +170,8 @@ def propose(features, out, psi, center, stop_fraction, sign_rule, crf, crf_itera
 @params_option
 @click.option("--features", required=True, type=click.Path(dir_okay=False), help="Training feature file.")
 @click.option("--masks", required=True, type=click.Path(file_okay=False), help="Mask directory from `propose`.")
-@click.option("--classes", "-k", required=True, type=int, help="Number of prototypes K.")
+@click.option("--classes", "-k", required=True, type=allowed("fit", "classes", integer=True),
+              help="Number of prototypes K.")
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="Output model checkpoint.")
 @click.option("--baseline-out", type=click.Path(dir_okay=False), default=None,
               help="Baseline (initialisation) checkpoint. Default: <out stem>.baseline.pt beside --out.")
@@ -172,24 +184,27 @@ def propose(features, out, psi, center, stop_fraction, sign_rule, crf, crf_itera
 @click.option("--holdout", type=_OrWord(click.Path(dir_okay=False, exists=True), "none"), default="none",
               help="Text file of image names (one per line) left out of the fit, e.g. a cross-validation fold "
                    "to score with `evaluate --images`.")
-@click.option("--epochs", type=int, default=10)
-@click.option("--batch-size", type=int, default=32)
-@click.option("--learning-rate", type=float, default=2e-3, help="Adam learning rate (the paper: 5e-3).")
-@click.option("--ema-every", type=int, default=10)
-@click.option("--ema-max-decay", type=float, default=0.98)
-@click.option("--gamma", type=float, default=2.0, help="Focal exponent of the class weights.")
-@click.option("--min-share", type=float, default=0.6,
+@click.option("--epochs", type=allowed("fit", "epochs", integer=True), default=10)
+@click.option("--batch-size", type=allowed("fit", "batch_size", integer=True), default=32)
+@click.option("--learning-rate", type=allowed("fit", "learning_rate"), default=2e-3,
+              help="Adam learning rate (the paper: 5e-3).")
+@click.option("--ema-every", type=allowed("fit", "ema_every", integer=True), default=10)
+@click.option("--ema-max-decay", type=allowed("fit", "ema_max_decay"), default=0.98)
+@click.option("--gamma", type=allowed("fit", "gamma"), default=2.0, help="Focal exponent of the class weights.")
+@click.option("--min-share", type=allowed("fit", "min_share"), default=0.6,
               help="Drop a mask's vote when its majority class covers less than this share (0 = the paper).")
 @click.option("--teacher-fallback/--no-teacher-fallback", default=True,
               help="Label pixels the vote leaves out with θ_M's own class instead of ignoring them (off = the paper).")
-@click.option("--mask-weighting", type=float, default=1.0,
+@click.option("--mask-weighting", type=allowed("fit", "mask_weighting"), default=1.0,
               help="M-step pixel weight |mask|^-w: 1 weighs every proposal alike, 0 every pixel alike (the paper).")
 @click.option("--augmented-student/--clean-student", default=True,
               help="M-step on one of the cached augmented views (when extract cached some) or on the clean view.")
-@click.option("--init-samples", type=int, default=200_000, help="Tokens sampled for the PCA + k-means Baseline.")
-@click.option("--kmeans-iterations", type=int, default=100, help="Spherical k-means iterations (converged by 100).")
+@click.option("--init-samples", type=allowed("fit", "init_samples", integer=True), default=200_000,
+              help="Tokens sampled for the PCA + k-means Baseline.")
+@click.option("--kmeans-iterations", type=allowed("fit", "kmeans_iterations", integer=True), default=100,
+              help="Spherical k-means iterations (converged by 100).")
 @click.option("--device", type=click.Choice(DEVICE_CHOICES), default="auto")
-@click.option("--seed", type=int, default=0)
+@click.option("--seed", type=allowed("fit", "seed", integer=True), default=0)
 @click.option("--overwrite", is_flag=True, help="Replace a model made with other settings.")
 def fit(**options) -> None:
     """Fit the Baseline and PriMaPs-EM prototypes from cached features and masks (resumable)."""
@@ -211,7 +226,7 @@ def fit(**options) -> None:
 @click.option("--images", type=click.Path(dir_okay=False, exists=True), default=None,
               help="Score only the images named in this text file (one per line), e.g. a fold `fit --holdout` left out.")
 @click.option("--crf/--no-crf", default=False, help="Also score CRF-refined predictions.")
-@click.option("--workers", type=int, default=1, help="CRF workers.")
+@click.option("--workers", type=allowed("evaluate", "workers", integer=True), default=1, help="CRF workers.")
 @click.option("--backend", type=click.Choice(["loky", "threading", "dask"]), default="loky")
 def evaluate(model, features, out, baseline, extra_models, images, crf, workers, backend) -> None:
     """Dataset-level Hungarian accuracy and mIoU, with and without CRF; writes metrics.json."""
@@ -244,8 +259,9 @@ def evaluate(model, features, out, baseline, extra_models, images, crf, workers,
 @click.option("--model", type=click.Path(dir_okay=False), default=None,
               help="Checkpoint from `fit`: adds pseudo-label and prediction panels.")
 @click.option("--images", multiple=True, metavar="NAME", help="Image name to show (repeatable). Default: a sample.")
-@click.option("--sample", type=int, default=12, help="Number of randomly chosen images when no --images are given.")
-@click.option("--seed", type=int, default=0, help="Seed of the random sample.")
+@click.option("--sample", type=allowed("inspect", "sample", integer=True), default=12,
+              help="Number of randomly chosen images when no --images are given.")
+@click.option("--seed", type=allowed("inspect", "seed", integer=True), default=0, help="Seed of the random sample.")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Gallery directory (PNGs + index.html).")
 def inspect_command(features, masks, model, images, sample, seed, out) -> None:
     """Render crops, PriMaPs masks, pseudo labels (θ_M + majority vote, as the E-step makes them),
@@ -295,8 +311,9 @@ def predict(model, images, out, crf, device, weights) -> None:
 @click.option("--also", "extra_models", multiple=True, metavar="NAME=CHECKPOINT",
               help="Show this model's predictions too, after the model's (repeatable), as `evaluate --also`.")
 @click.option("--images", multiple=True, metavar="NAME", help="Training image to show (repeatable). Default: a sample.")
-@click.option("--sample", type=int, default=12, help="Number of randomly chosen gallery images.")
-@click.option("--seed", type=int, default=0, help="Seed of the random sample.")
+@click.option("--sample", type=allowed("report", "sample", integer=True), default=12,
+              help="Number of randomly chosen gallery images.")
+@click.option("--seed", type=allowed("report", "seed", integer=True), default=0, help="Seed of the random sample.")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Report directory (index.html).")
 def report(features, masks, model, metrics, baseline, extra_models, images, sample, seed, out) -> None:
     """One HTML page: the evaluation metrics (per-class table and confusion matrix from `evaluate --out`) on

@@ -23,6 +23,7 @@ from pipeline.errors import PipelineError
 from pipeline.metrics import SegmentationEvaluator, confusion_matrix
 from pipeline.parallel import parallel_unordered
 from pipeline.progress import progress_bar
+from pipeline.ranges import check_ranges
 from pipeline.segmenter import Segmenter, load_segmenter
 from pipeline.store.atomic import write_json_atomic, write_text_atomic
 from pipeline.store.checkpoints import load_checkpoint, require_matching_features
@@ -55,6 +56,9 @@ class EvaluateSettings:
     workers: int = 1
     backend: str = "loky"
     batch_size: int = 32
+
+    def __post_init__(self) -> None:
+        check_ranges("evaluate", vars(self))
 
 
 def run_evaluate(settings: EvaluateSettings, progress: bool = True) -> dict[str, Any]:

@@ -32,6 +32,7 @@ from pipeline.data import (
 from pipeline.device import resolve_device
 from pipeline.errors import PipelineError
 from pipeline.progress import progress_bar
+from pipeline.ranges import check_ranges
 from pipeline.store.features import FeatureFileWriter, FeatureLayout
 from pipeline.store.provenance import fingerprint
 
@@ -63,6 +64,9 @@ class ExtractSettings:
     overwrite: bool = False
     random_init: bool = False
 
+    def __post_init__(self) -> None:
+        check_ranges("extract", vars(self))
+
     def dataset_options(self) -> dict[str, int]:
         """Reader-specific options: the void label value of a `labelled_folder` tree, when given."""
         return {} if self.ignore_value is None else {"ignore": self.ignore_value}
@@ -75,11 +79,14 @@ class ExtractSummary:
     extracted: int
     skipped: int
     seconds: float
+    restarted: bool = False
+    """An unreadable partial file (left by a failed write) was started over instead of resumed."""
 
     def line(self) -> str:
         rate = self.extracted / self.seconds if self.seconds > 0 else 0.0
+        note = "; its unreadable partial file was started over" if self.restarted else ""
         return (f"extract: {self.path}: {self.images} images ({self.extracted} extracted now, "
-                f"{self.skipped} skipped) in {self.seconds:.1f} s ({rate:.2f} img/s)")
+                f"{self.skipped} skipped{note}) in {self.seconds:.1f} s ({rate:.2f} img/s)")
 
 
 @dataclass
@@ -146,7 +153,8 @@ def run_extract(settings: ExtractSettings, progress: bool = True) -> ExtractSumm
         writer.finish()
     finally:
         writer.close()
-    return ExtractSummary(Path(settings.out), len(names), extracted, skipped, time.perf_counter() - started)
+    return ExtractSummary(Path(settings.out), len(names), extracted, skipped, time.perf_counter() - started,
+                          writer.restarted)
 
 
 def mirrored_views(settings: ExtractSettings) -> tuple[bool, ...]:

@@ -8,9 +8,10 @@ uninterrupted run would (per-epoch seeded shuffles and view draws, saved optimis
 
 from __future__ import annotations
 
+import json
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -26,6 +27,7 @@ from pipeline.errors import PipelineError
 from pipeline.heads import build_head
 from pipeline.heads.stego import SegmentationHead
 from pipeline.progress import progress_bar
+from pipeline.ranges import check_ranges
 from pipeline.segmenter import code_of
 from pipeline.store import masks as mask_store
 from pipeline.store.atomic import write_json_atomic
@@ -39,9 +41,6 @@ from pipeline.viz import save_history_figure
 
 CLUSTER_PROBE_GAIN = 2.0
 """STEGO's and HP's cluster probes score log_softmax(2·cos) at evaluation (alpha = 2)."""
-
-MAX_MASK_WEIGHTING = 2.0
-"""Largest |mask|^-w exponent accepted: beyond it a large mask's weight underflows float32 towards 0."""
 
 
 @dataclass(frozen=True)
@@ -78,6 +77,9 @@ class FitSettings:
     seed: int = 0
     overwrite: bool = False
 
+    def __post_init__(self) -> None:
+        check_ranges("fit", vars(self))
+
     def recipe(self, holdout: list[str] | None = None) -> dict[str, Any]:
         """The settings that change the result (paths, device and overwrite do not; the held-out images do)."""
         recipe = asdict(self)
@@ -98,10 +100,13 @@ class FitSummary:
     final_loss: float
     labelled_fraction: float
     seconds: float
+    restored: list[Path] = field(default_factory=list)
+    """Outputs of a finished fit that were missing or damaged and were rewritten from the model."""
 
     def line(self) -> str:
+        note = f", rewrote {', '.join(map(str, self.restored))} from it" if self.restored else ""
         return (f"fit: {self.path}: {self.epochs_run} epochs run now, last loss {self.final_loss:.4f}, "
-                f"{100 * self.labelled_fraction:.1f}% pixels pseudo-labelled, {self.seconds:.1f} s")
+                f"{100 * self.labelled_fraction:.1f}% pixels pseudo-labelled{note}, {self.seconds:.1f} s")
 
 
 def baseline_path(settings: FitSettings) -> Path:
@@ -125,11 +130,6 @@ def run_fit(settings: FitSettings, progress: bool = True, stop_after_epochs: int
     `stop_after_epochs` ends the run early leaving a resumable partial checkpoint (used to test resuming).
     """
     started = time.perf_counter()
-    if settings.classes < 2:
-        raise PipelineError(f"--classes {settings.classes}: need at least 2 classes")
-    if not 0 <= settings.mask_weighting <= MAX_MASK_WEIGHTING:
-        raise PipelineError(f"--mask-weighting {settings.mask_weighting}: must lie in [0, {MAX_MASK_WEIGHTING}] "
-                            "(0 weighs every pixel alike, 1 every mask)")
     with FeatureFile(settings.features) as features:
         masks_provenance = mask_store.require_made_from(settings.masks, features.path, features.provenance)
         provenance = {"features": features.provenance, "masks": masks_provenance,
@@ -138,6 +138,8 @@ def run_fit(settings: FitSettings, progress: bool = True, stop_after_epochs: int
         indices = select_indices(features.valid_indices(), features.names, holdout or [], keep_listed=False)
         if len(indices) == 0:
             raise PipelineError(f"{settings.holdout}: holds out every image of {features.path}; nothing to fit")
+        records = mask_store.read_index(settings.masks)
+        mask_store.require_finished(settings.masks, [features.names[int(i)] for i in indices], records)
         recipe = settings.recipe(holdout)
         head = _head_of(settings.head, features) if settings.head else None
         if head is not None:
@@ -145,12 +147,14 @@ def run_fit(settings: FitSettings, progress: bool = True, stop_after_epochs: int
         partial = settings.out.with_name(settings.out.name + ".partial")
         existing = _existing_run(settings, recipe, partial, provenance)
         if existing is not None and existing.get("complete"):
+            restored = _restore_companions(settings, features, settings.init_recipe(holdout), existing, head)
             return FitSummary(settings.out, 0, existing["history"][-1]["loss"],
-                              existing["history"][-1]["labelled_fraction"], time.perf_counter() - started)
+                              existing["history"][-1]["labelled_fraction"], time.perf_counter() - started, restored)
         device = resolve_device(settings.device)
         if head is None:
             init = _baseline(settings, features, indices, settings.init_recipe(holdout),
-                             gpu=device.type == "cuda" and faiss_gpus() > 0)
+                             gpu=device.type == "cuda" and faiss_gpus() > 0,
+                             fitted_init=existing["init"] if existing is not None else None)
         else:
             init = _cluster_probe(settings, features, head)
         config = EMConfig(num_classes=settings.classes, learning_rate=settings.learning_rate,
@@ -169,7 +173,7 @@ def run_fit(settings: FitSettings, progress: bool = True, stop_after_epochs: int
                            desc="fit", unit="batch", enabled=progress)
         with bar:
             for epoch in range(len(history), last_epoch):
-                history.append(_run_epoch(em, features, indices, settings, epoch, bar, head_module))
+                history.append(_run_epoch(em, features, indices, records, settings, epoch, bar, head_module))
                 _save(partial, recipe, provenance, init, em, history, head, complete=False)
                 _write_history(settings, history)
     epochs_run = last_epoch - (len(existing["history"]) if existing else 0)
@@ -189,7 +193,10 @@ def _existing_run(settings: FitSettings, recipe: dict[str, Any], partial: Path,
         if settings.overwrite:
             path.unlink()
             continue
-        checkpoint = load_checkpoint(path)
+        try:
+            checkpoint = load_checkpoint(path)
+        except PipelineError as error:
+            raise PipelineError(f"{error}; rerun with --overwrite to replace it") from None
         changed = differences(checkpoint["recipe"], recipe) + differences(checkpoint["provenance"], provenance)
         if changed:
             raise PipelineError(f"{path}: made with different settings: {'; '.join(changed[:3])}; "
@@ -199,29 +206,82 @@ def _existing_run(settings: FitSettings, recipe: dict[str, Any], partial: Path,
 
 
 def _baseline(settings: FitSettings, features: FeatureFile, indices: np.ndarray, recipe: dict[str, Any],
-              gpu: bool = False) -> np.ndarray:
+              gpu: bool = False, fitted_init: torch.Tensor | None = None) -> np.ndarray:
     """PCA of a seeded token subsample → spherical k-means (on faiss-gpu when `gpu`): the paper's Baseline,
     saved as its own model.
 
-    It depends on the features and the init recipe only, so fits on other masks reuse it.
+    It depends on the features and the init recipe only, so fits on other masks reuse it. When a partial
+    model already holds the init it started from (`fitted_init`), that init is the Baseline, and the
+    Baseline file is rewritten from it if it is missing, damaged or another one.
     """
-    path = baseline_path(settings)
-    provenance = {"features": features.provenance, "package_version": __version__}
-    if path.exists() and not settings.overwrite:
-        checkpoint = load_checkpoint(path)
-        if not differences(checkpoint["recipe"], recipe) and not differences(checkpoint["provenance"], provenance):
-            return checkpoint["init"].numpy()
+    stored = None if settings.overwrite else _stored_baseline(settings, features, recipe)
+    if fitted_init is not None:
+        if stored is None or not torch.equal(stored, fitted_init):
+            _save_baseline(settings, features, recipe, fitted_init)
+        return fitted_init.numpy()
+    if stored is not None:
+        return stored.numpy()
     sample = sample_tokens(features, settings.init_samples, settings.seed, indices)
     init = spherical_kmeans(sample, pca_directions(sample, settings.classes), settings.kmeans_iterations, settings.seed,
                             gpu=gpu)
-    init_tensor = torch.as_tensor(init, dtype=torch.float32)
-    prototypes = {"direction": init_tensor, "gain": torch.ones(settings.classes)}
-    save_checkpoint(path, {
-        "kind": "baseline", "complete": True, "recipe": recipe, "provenance": provenance,
-        "features_provenance": features.provenance, "init": init_tensor, "momentum": prototypes,
+    _save_baseline(settings, features, recipe, torch.as_tensor(init, dtype=torch.float32))
+    return init
+
+
+def _stored_baseline(settings: FitSettings, features: FeatureFile, recipe: dict[str, Any]) -> torch.Tensor | None:
+    """The init of the Baseline file when it is readable and made from these features with this init
+    recipe; None otherwise (it is then computed, or rewritten from the model, again)."""
+    path = baseline_path(settings)
+    if not path.exists():
+        return None
+    try:
+        checkpoint = load_checkpoint(path)
+    except PipelineError:
+        return None
+    provenance = {"features": features.provenance, "package_version": __version__}
+    if (checkpoint.get("kind") != "baseline" or differences(checkpoint.get("recipe", {}), recipe)
+            or differences(checkpoint.get("provenance", {}), provenance)):
+        return None
+    return checkpoint["init"]
+
+
+def _save_baseline(settings: FitSettings, features: FeatureFile, recipe: dict[str, Any], init: torch.Tensor) -> None:
+    prototypes = {"direction": init, "gain": torch.ones(settings.classes)}
+    save_checkpoint(baseline_path(settings), {
+        "kind": "baseline", "complete": True, "recipe": recipe,
+        "provenance": {"features": features.provenance, "package_version": __version__},
+        "features_provenance": features.provenance, "init": init, "momentum": prototypes,
         "running": prototypes, "history": [],
     })
-    return init
+
+
+def _restore_companions(settings: FitSettings, features: FeatureFile, recipe: dict[str, Any],
+                        model: dict[str, Any], head: dict[str, Any] | None) -> list[Path]:
+    """A finished model and its Baseline (the head's cluster probe, with a head) and history belong together:
+    rewrite whichever of them is missing, unreadable or not the model's own, from the model (or the head).
+    Returns the paths rewritten."""
+    restored = []
+    if head is None:
+        stored = _stored_baseline(settings, features, recipe)
+        if stored is None or not torch.equal(stored, model["init"]):
+            _save_baseline(settings, features, recipe, model["init"])
+            restored.append(baseline_path(settings))
+    else:
+        try:
+            intact = torch.equal(load_checkpoint(baseline_path(settings))["init"], model["init"])
+        except (PipelineError, KeyError):
+            intact = False
+        if not intact:
+            _cluster_probe(settings, features, head)
+            restored.append(baseline_path(settings))
+    try:
+        history_ok = json.loads(history_path(settings).read_text(encoding="utf-8")) == model["history"]
+    except (OSError, ValueError):
+        history_ok = False
+    if not history_ok:
+        _write_history(settings, model["history"])
+        restored.append(history_path(settings))
+    return restored
 
 
 def _head_of(path: Path, features: FeatureFile) -> dict[str, Any]:
@@ -265,12 +325,12 @@ def sample_tokens(features: FeatureFile, count: int, seed: int, indices: np.ndar
     return np.concatenate(rows)
 
 
-def _run_epoch(em: PrimapsEM, features: FeatureFile, indices: np.ndarray, settings: FitSettings, epoch: int,
-               bar: tqdm, head: SegmentationHead | None) -> dict[str, float]:
+def _run_epoch(em: PrimapsEM, features: FeatureFile, indices: np.ndarray, records: dict[str, mask_store.MaskRecord],
+               settings: FitSettings, epoch: int, bar: tqdm, head: SegmentationHead | None) -> dict[str, float]:
     order = np.random.default_rng([settings.seed, epoch]).permutation(indices)
     batches = [order[start:start + settings.batch_size] for start in range(0, len(order), settings.batch_size)]
     losses, labelled = [], []
-    for clean, student, masks in _prefetch(features, settings, epoch, batches, head):
+    for clean, student, masks in _prefetch(features, records, settings, epoch, batches, head):
         stats = em.step(clean, student, masks)
         losses.append(stats["loss"])
         labelled.append(stats["labelled_fraction"])
@@ -280,8 +340,8 @@ def _run_epoch(em: PrimapsEM, features: FeatureFile, indices: np.ndarray, settin
     return {"epoch": epoch + 1, "loss": float(np.mean(losses)), "labelled_fraction": float(np.mean(labelled))}
 
 
-def _prefetch(features: FeatureFile, settings: FitSettings, epoch: int, batches: list[np.ndarray],
-              head: SegmentationHead | None) -> Iterator[tuple[torch.Tensor, ...]]:
+def _prefetch(features: FeatureFile, records: dict[str, mask_store.MaskRecord], settings: FitSettings, epoch: int,
+              batches: list[np.ndarray], head: SegmentationHead | None) -> Iterator[tuple[torch.Tensor, ...]]:
     """Read batch i+1 from HDF5 (and run the head on it) in a background thread while batch i trains."""
     rng = np.random.default_rng([settings.seed, epoch, 1])
     draws = [rng.integers(0, max(features.views, 1), len(batch)) for batch in batches]
@@ -290,24 +350,25 @@ def _prefetch(features: FeatureFile, settings: FitSettings, epoch: int, batches:
         for position in range(len(batches) + 1):
             following = None
             if position < len(batches):
-                following = pool.submit(_read_batch, features, settings.masks, batches[position], draws[position],
-                                        settings.augmented_student, head)
+                following = pool.submit(_read_batch, features, settings.masks, records, batches[position],
+                                        draws[position], settings.augmented_student, head)
             if pending is not None:
                 yield pending.result()
             pending = following
 
 
-def _read_batch(features: FeatureFile, masks: Path, batch: np.ndarray, views: np.ndarray,
-                augmented_student: bool, head: SegmentationHead | None) -> tuple[torch.Tensor, ...]:
+def _read_batch(features: FeatureFile, masks: Path, records: dict[str, mask_store.MaskRecord], batch: np.ndarray,
+                views: np.ndarray, augmented_student: bool, head: SegmentationHead | None) -> tuple[torch.Tensor, ...]:
     """Clean tokens (the teacher's), one view's tokens (the student's), both through the head when there is one,
-    and the mask maps."""
+    and the mask maps (checked against their index records)."""
     clean = np.stack([features.features(int(index)) for index in batch]).astype(np.float32)
     if features.views and augmented_student:
         student = np.stack([features.view_features(int(index), int(view))
                             for index, view in zip(batch, views)]).astype(np.float32)
     else:
         student = clean
-    mask_maps = np.stack([mask_store.read_mask(masks, features.names[int(index)]) for index in batch])
+    names = [features.names[int(index)] for index in batch]
+    mask_maps = np.stack([mask_store.read_mask(masks, name, records.get(name), features.resolution) for name in names])
     device = next(head.parameters()).device if head is not None else torch.device("cpu")
     clean_code = code_of(head, torch.from_numpy(clean).to(device))
     student_code = clean_code if student is clean else code_of(head, torch.from_numpy(student).to(device))

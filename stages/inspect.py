@@ -19,11 +19,13 @@ import torch
 from pipeline.em import e_step
 from pipeline.errors import PipelineError
 from pipeline.progress import progress_bar
+from pipeline.ranges import check_ranges
 from pipeline.segmenter import Segmenter, load_segmenter
 from pipeline.store import masks as mask_store
 from pipeline.store.atomic import write_text_atomic
 from pipeline.store.checkpoints import load_checkpoint, require_matching_features
 from pipeline.store.features import FeatureFile
+from pipeline.store.names import name_path
 from pipeline.viz import (
     colour_legend_html,
     colourise,
@@ -60,6 +62,9 @@ class InspectSettings:
     images: tuple[str, ...] = ()
     sample: int = 12
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        check_ranges("inspect", vars(self))
 
 
 @dataclass
@@ -101,16 +106,17 @@ def run_inspect(settings: InspectSettings, progress: bool = True) -> InspectSumm
         rows = settings.predictions or ((("prediction", settings.model),) if settings.model else ())
         predictions = [(name, _load_model(path, features)) for name, path in rows]
         matchings = dict(settings.matchings)
-        chosen = choose_images(features, settings.masks, settings.images, settings.sample, settings.seed)
+        chosen = choose_images(features, records, settings.images, settings.sample, settings.seed)
         class_names = features.provenance.get("class_names") if features.has_labels else None
         figures = []
         for index in progress_bar(chosen, desc="inspect", unit="img", enabled=progress, leave=False):
             name = features.names[index]
-            mask_map = mask_store.read_mask(settings.masks, name)
-            relative = f"{name}.png"
+            record = records.get(name)
+            mask_map = mask_store.read_mask(settings.masks, name, record, features.resolution)
+            picture = name_path(settings.out, name, ".png")
             panels = _panels(features, index, mask_map, model, predictions, matchings, class_names)
-            save_png(settings.out / relative, panel_strip(panels))
-            record = records.get(name) or mask_store.MaskRecord.from_map(name, mask_map, 0.0)
+            save_png(picture, panel_strip(panels))
+            relative = picture.relative_to(settings.out).as_posix()
             figures.append((relative, f"{name}: {record.masks} masks, coverage {100 * record.coverage:.1f}%"))
         sections = _sections(features.provenance, mask_provenance, model, class_names)
     summary = InspectSummary(settings.out, figures, sections)
@@ -118,25 +124,20 @@ def run_inspect(settings: InspectSettings, progress: bool = True) -> InspectSumm
     return summary
 
 
-def choose_images(features: FeatureFile, masks: Path, names: tuple[str, ...], sample: int, seed: int) -> list[int]:
-    """Feature-file indices of the named images, or a seeded sample of `sample` images that have masks."""
+def choose_images(features: FeatureFile, records: dict[str, mask_store.MaskRecord], names: tuple[str, ...],
+                  sample: int, seed: int) -> list[int]:
+    """Feature-file indices of the named images, or a seeded sample of `sample` images whose masks propose
+    finished (every mask is checked against its index record when it is read)."""
     if names:
         positions = {name: index for index, name in enumerate(features.names)}
-        chosen = []
-        for name in names:
-            if name not in positions:
-                raise PipelineError(f"{features.path}: has no image named {name!r}")
-            if not mask_store.has_mask(masks, name):
-                raise PipelineError(f"{mask_store.mask_path(masks, name)}: no mask for {name!r} (propose failed or "
-                                    "did not reach it)")
-            chosen.append(positions[name])
-        return chosen
-    if sample < 1:
-        raise PipelineError(f"--sample {sample}: need at least one image")
+        missing = [name for name in names if name not in positions]
+        if missing:
+            raise PipelineError(f"{features.path}: has no image named {missing[0]!r}")
+        return [positions[name] for name in names]
     candidates = [int(index) for index in features.valid_indices()
-                  if mask_store.has_mask(masks, features.names[int(index)])]
+                  if getattr(records.get(features.names[int(index)]), "status", None) == "ok"]
     if not candidates:
-        raise PipelineError(f"{masks}: no masks for the images of {features.path}; run `propose` first")
+        raise PipelineError(f"{features.path}: no image has a finished mask; run `propose` first")
     picked = np.random.default_rng(seed).choice(len(candidates), min(sample, len(candidates)), replace=False)
     return [candidates[position] for position in sorted(picked)]
 

@@ -31,7 +31,11 @@ from pipeline.progress import progress_bar
 from pipeline.segmenter import Segmenter, load_segmenter
 from pipeline.store.atomic import write_json_atomic
 from pipeline.store.checkpoints import load_checkpoint
+from pipeline.store.names import name_path, unsafe_reason
 from pipeline.viz import overlay, palette, save_png
+
+
+OVERLAY_SUFFIX = "_overlay"
 
 
 @dataclass(frozen=True)
@@ -94,10 +98,10 @@ def run_predict(settings: PredictSettings, progress: bool = True) -> PredictSumm
     crf = settings.crf_params if settings.crf else None
     outputs = {}
     for path, stem in progress_bar(list(zip(settings.images, stems)), desc="predict", unit="img", enabled=progress):
-        image = np.asarray(read_rgb_image(Path(path)), dtype=np.uint8)
+        image = np.asarray(read_rgb_image(Path(path), apply_orientation=True), dtype=np.uint8)
         clusters = segment(image, backbone, model, int(fitted["resolution"]), crf, device)
-        save_png(settings.out / f"{stem}.png", clusters)
-        save_png(settings.out / f"{stem}_overlay.png", overlay(image, clusters, colours))
+        save_png(name_path(settings.out, stem, ".png"), clusters)
+        save_png(name_path(settings.out, stem + OVERLAY_SUFFIX, ".png"), overlay(image, clusters, colours))
         outputs[str(path)] = f"{stem}.png"
     write_json_atomic(settings.out / "provenance.json", {
         "stage": "predict", "model": str(settings.model), "model_kind": checkpoint.get("kind"),
@@ -108,17 +112,25 @@ def run_predict(settings: PredictSettings, progress: bool = True) -> PredictSumm
 
 
 def _check_images(images: tuple[Path, ...]) -> list[str]:
-    """Each image's output stem; refuse unreadable files and stems that would overwrite each other."""
+    """Each image's output stem; refuse unreadable files, stems that cannot name a file, and images whose
+    outputs (`<stem>.png`, `<stem>_overlay.png`) would overwrite another's, e.g. `a.png` and `a_overlay.png`."""
     if not images:
         raise PipelineError("predict: no images given")
-    stems: dict[str, Path] = {}
+    stems, owners = [], {}
     for path in images:
         image_size(Path(path))
         stem = Path(path).stem
-        if stem in stems:
-            raise PipelineError(f"{path}: same file name stem {stem!r} as {stems[stem]}; outputs would collide")
-        stems[stem] = Path(path)
-    return list(stems)
+        reason = unsafe_reason(stem)
+        if reason is not None:
+            raise PipelineError(f"{path}: its output name {stem!r} {reason}; rename the file")
+        for output in (stem, stem + OVERLAY_SUFFIX):
+            key = output.casefold()
+            if key in owners:
+                raise PipelineError(f"{path}: its output {output}.png would overwrite the one of {owners[key]}; "
+                                    "rename one of them")
+            owners[key] = path
+        stems.append(stem)
+    return stems
 
 
 def _require_imagenet_normalisation(model: Path, fitted: dict[str, Any]) -> None:

@@ -19,9 +19,10 @@ from threadpoolctl import threadpool_limits
 from pipeline import __version__
 from pipeline.crf import CRFParams
 from pipeline.errors import PipelineError
-from pipeline.parallel import parallel_unordered
+from pipeline.parallel import PoolFailure, parallel_unordered
 from pipeline.primaps import PrimapsParams, proposal_map
 from pipeline.progress import progress_bar
+from pipeline.ranges import check_ranges
 from pipeline.store import masks as mask_store
 from pipeline.store.features import FeatureFile, shared_feature_file
 from pipeline.store.masks import MaskRecord
@@ -53,6 +54,9 @@ class ProposeSettings:
     scheduler: str | None = None
     timeout: float = 600.0
     overwrite: bool = False
+
+    def __post_init__(self) -> None:
+        check_ranges("propose", {**vars(self), "crf_iterations": self.crf.iterations if self.crf else None})
 
 
 def primaps_params(settings: ProposeSettings, backbone_family: str) -> PrimapsParams:
@@ -95,7 +99,8 @@ def run_propose(settings: ProposeSettings, progress: bool = True) -> ProposeSumm
         }
     mask_store.claim_directory(settings.out, provenance, settings.overwrite)
     records = mask_store.read_index(settings.out)
-    pending = [(index, name) for index, name in zip(indices, names) if not mask_store.has_mask(settings.out, name)]
+    pending = [(index, name) for index, name in zip(indices, names)
+               if not mask_store.is_finished(settings.out, records.get(name))]
     tasks = [(str(settings.features), index, name, str(settings.out), params, settings.crf, center,
               settings.timeout) for index, name in pending]
     appender = mask_store.IndexAppender(settings.out)
@@ -109,7 +114,7 @@ def run_propose(settings: ProposeSettings, progress: bool = True) -> ProposeSumm
                 bar.update()
     finally:
         appender.close()
-    ordered = [_record_for(settings.out, name, records) for name in names]
+    ordered = [records.get(name) or MaskRecord(name, "failed", error="not computed") for name in names]
     mask_store.write_index(settings.out, ordered)
     finished = [record for record in ordered if record.status == "ok"]
     return ProposeSummary(
@@ -135,25 +140,19 @@ def dataset_mean_token(features: FeatureFile) -> np.ndarray:
 
 
 def _run_tasks(tasks: list[tuple], settings: ProposeSettings):
-    """Yield one record per task; a pool-level timeout marks every unfinished image instead of hanging."""
+    """Yield one record per task. When the pool fails (time limit, lost workers or cluster), every image
+    without a result is recorded as timed out or failed instead of ending the run with a traceback."""
     finished: set[str] = set()
     try:
         for record in parallel_unordered(_propose_one, tasks, settings.workers, settings.backend, settings.scheduler,
                                          timeout=2 * settings.timeout if settings.backend != "threading" else None):
             finished.add(record.name)
             yield record
-    except TimeoutError:
+    except PoolFailure as failure:
+        status = "timeout" if failure.timed_out else "failed"
         for task in tasks:
             if task[2] not in finished:
-                yield MaskRecord(task[2], "timeout", error=f"no result within {2 * settings.timeout:.0f} s")
-
-
-def _record_for(directory: Path, name: str, records: dict[str, MaskRecord]) -> MaskRecord:
-    """The index record of `name`, rebuilt from its PNG when a killed run wrote the PNG but not the record."""
-    record = records.get(name)
-    if mask_store.has_mask(directory, name) and (record is None or record.status != "ok"):
-        return MaskRecord.from_map(name, mask_store.read_mask(directory, name), record.seconds if record else 0.0)
-    return record or MaskRecord(name, "failed", error="not computed")
+                yield MaskRecord(task[2], status, error=str(failure))
 
 
 class _ImageTimeout(Exception):
@@ -168,14 +167,14 @@ def _propose_one(features_path: str, index: int, name: str, out: str, params: Pr
         with _alarm(timeout), threadpool_limits(1):
             features = shared_feature_file(features_path)
             mask_map = proposal_map(features.features(index), features.crop(index), params, crf, center)
-            mask_store.write_mask(out, name, mask_map)
+            png_sha256 = mask_store.write_mask(out, name, mask_map)
     except _ImageTimeout:
         return MaskRecord(name, "timeout", seconds=round(time.perf_counter() - started, 4),
                           error=f"exceeded {timeout:.0f} s")
     except Exception as error:  # a worker reports every failure as data so the pool keeps going
         return MaskRecord(name, "failed", seconds=round(time.perf_counter() - started, 4),
                           error=f"{error.__class__.__name__}: {error}")
-    return MaskRecord.from_map(name, mask_map, time.perf_counter() - started)
+    return MaskRecord.from_map(name, mask_map, time.perf_counter() - started, png_sha256)
 
 
 class _alarm:

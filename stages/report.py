@@ -16,6 +16,7 @@ from html import escape
 from pathlib import Path
 
 from pipeline.errors import PipelineError
+from pipeline.ranges import check_ranges
 from pipeline.store.atomic import atomic_path, write_text_atomic
 from pipeline.store.checkpoints import load_checkpoint
 from pipeline.viz import definition_table_html, gallery_html, markdown_table_html, save_history_figure
@@ -42,6 +43,9 @@ class ReportSettings:
     images: tuple[str, ...] = ()
     sample: int = 12
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        check_ranges("report", vars(self))
 
 
 @dataclass

@@ -347,9 +347,9 @@ def test_potsdam_broken_tree_messages(tmp_path):
 
 
 def test_registry_names_options_and_errors(tmp_path):
-    assert DATASETS == ("folder", "sample", "camvid", "cityscapes", "cocostuff27", "potsdam3")
+    assert DATASETS == ("folder", "labelled_folder", "sample", "camvid", "cityscapes", "cocostuff27", "potsdam3")
     assert reader_options("cocostuff27") == ("curated",) and reader_options("camvid") == ()
-    with pytest.raises(PipelineError, match="unknown dataset 'voc' \\(valid: folder, sample, camvid"):
+    with pytest.raises(PipelineError, match="unknown dataset 'voc' \\(valid: folder, labelled_folder, sample, camvid"):
         open_dataset("voc", tmp_path, "train")
     with pytest.raises(PipelineError, match="has no option curated"):
         open_dataset("camvid", tmp_path, "train", curated=False)

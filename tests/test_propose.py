@@ -29,7 +29,7 @@ def test_propose_writes_masks_and_index(camvid_features, tmp_path):
     with FeatureFile(camvid_features) as features:
         assert list(records) == features.names
         for name in features.names:
-            mask_map = mask_store.read_mask(tmp_path / "masks", name)
+            mask_map = mask_store.read_mask(tmp_path / "masks", name, records[name], features.resolution)
             assert mask_map.shape == (224, 224) and mask_map.dtype == np.uint8
             present = set(np.unique(mask_map).tolist()) - {255}
             assert records[name].masks == len(present) >= 1
@@ -74,12 +74,14 @@ def test_killed_propose_resumes_to_the_same_masks(camvid_features, tmp_path):
                                 "--out", str(out)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.monotonic() + 120
-        while len(list(out.glob("*.png"))) < 3 and time.monotonic() < deadline and process.poll() is None:
+        # one in-process worker appends an image's record before it starts the next image: 4 PNGs, 3 records
+        while len(list(out.glob("*.png"))) < 4 and time.monotonic() < deadline and process.poll() is None:
             time.sleep(0.02)
     finally:
         process.send_signal(signal.SIGKILL)
         process.wait()
-    finished_before = len(list(out.glob("*.png")))
+    # an image is finished when its PNG has its record (a PNG whose record the kill cut off is recomputed)
+    finished_before = sum(mask_store.is_finished(out, record) for record in mask_store.read_index(out).values())
     assert 3 <= finished_before < 16
     summary = run_propose(ProposeSettings(features=camvid_features, out=out), progress=False)
     assert summary.computed == 16 - finished_before and not summary.failed

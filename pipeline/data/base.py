@@ -3,6 +3,13 @@
 A reader lists its images once, up front (failing on the first missing piece), and afterwards only
 reads files by index. Labels come back as uint8 class ids in [0, K) with 255 meaning "ignore", so
 every later stage sees one label convention whatever the dataset.
+
+Every image file, in every reader and in `predict`, is decoded by `read_rgb_image` into 8-bit RGB by its
+real range: 8-bit modes through Pillow (alpha is dropped: transparent pixels keep their stored colour),
+16-bit grey (I;16) and 16-bit RGB scaled from 0..65535, 32-bit integer grey from 0..65535, float grey from
+0..1 (or 0..255); anything else is refused in one line. EXIF orientation is applied for unlabelled photos
+(`folder`, `sample`) and `predict`, as every viewer shows them; labelled datasets keep the stored pixels,
+because their label maps are stored unrotated.
 """
 
 from __future__ import annotations
@@ -13,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from pipeline.errors import PipelineError
 
@@ -77,6 +84,9 @@ class FileDataset(SegmentationDataset):
     class-id convention in one lookup.
     """
 
+    apply_orientation: bool = False
+    """Turn images as their EXIF orientation says (unlabelled photos); labelled data keeps stored pixels."""
+
     def __init__(
         self,
         files: Sequence[ImageFile],
@@ -103,7 +113,7 @@ class FileDataset(SegmentationDataset):
         return str(self._files[index].image)
 
     def load_image(self, index: int) -> Image.Image:
-        return read_rgb_image(self._files[index].image)
+        return read_rgb_image(self._files[index].image, apply_orientation=self.apply_orientation)
 
     def load_label(self, index: int) -> np.ndarray | None:
         entry = self._files[index]
@@ -113,13 +123,48 @@ class FileDataset(SegmentationDataset):
         return self._label_lut[label]
 
 
-def read_rgb_image(path: Path) -> Image.Image:
-    """Decode an image file fully into RGB; any decoding failure becomes a PipelineError naming it."""
+def read_rgb_image(path: Path, apply_orientation: bool = False) -> Image.Image:
+    """Decode an image file fully into 8-bit RGB (see the module docstring for every mode), turned by its
+    EXIF orientation when `apply_orientation`; any failure becomes a PipelineError naming the file."""
     try:
         with Image.open(path) as image:
-            return image.convert("RGB")
+            if apply_orientation:
+                image = ImageOps.exif_transpose(image)
+            return to_rgb(image, path)
     except _UNREADABLE as error:
         raise PipelineError(f"{path}: cannot read image ({_reason(error)})") from error
+
+
+_EIGHT_BIT_MODES = ("1", "L", "P", "RGB", "RGBA", "RGBX", "CMYK", "YCbCr", "LAB", "HSV", "LA", "PA")
+_PREMULTIPLIED = {"La": "LA", "RGBa": "RGBA"}
+
+
+def to_rgb(image: Image.Image, path: Path) -> Image.Image:
+    """An image of any mode Pillow decodes as 8-bit RGB, scaled by the range its mode stands for."""
+    mode = _PREMULTIPLIED.get(image.mode, image.mode)
+    if mode != image.mode:
+        image = image.convert(mode)
+    if mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")  # Pillow's way for palette transparency; the alpha is then dropped
+    if mode in _EIGHT_BIT_MODES:
+        return image.convert("RGB")
+    if mode.startswith("I;16") or mode in ("I", "F"):
+        grey = _scale_to_uint8(np.asarray(image), path, floating=mode == "F")
+        return Image.fromarray(grey).convert("RGB")
+    raise PipelineError(f"{path}: cannot read image (unsupported mode {image.mode})")
+
+
+def _scale_to_uint8(pixels: np.ndarray, path: Path, floating: bool) -> np.ndarray:
+    """Grey values as uint8 by their real range: integers from 0..65535, floats from 0..1 (or 0..255 when
+    some exceed 1); NaN, infinite and out-of-range values are refused naming `path`."""
+    if not np.isfinite(pixels).all():
+        raise PipelineError(f"{path}: cannot read image (it holds NaN or infinite values)")
+    low, high = float(pixels.min()), float(pixels.max())
+    top = (1.0 if high <= 1.0 else 255.0) if floating else 65535.0
+    if low < 0 or high > top:
+        expected = "0..1 or 0..255" if floating else "0..65535"
+        raise PipelineError(f"{path}: cannot read image (values span {low:g}..{high:g}, expected {expected})")
+    return np.rint(pixels.astype(np.float64) * (255.0 / top)).astype(np.uint8)
 
 
 def image_size(path: Path) -> tuple[int, int]:

@@ -14,8 +14,10 @@ class ImageFolder(FileDataset):
     Hidden files and folders (names starting with '.') are skipped. There are no splits: ``split``
     is accepted for a uniform interface and ignored. An image's name is its path relative to
     ``root`` without the extension, so ``a/b.jpg`` is ``a/b``; two files that differ only in
-    extension would share a name and are rejected.
+    extension would share a name and are rejected. Images are turned as their EXIF orientation says.
     """
+
+    apply_orientation = True
 
     def __init__(
         self, root: str | Path | None, split: str | None = None, *, max_images: int | None = None

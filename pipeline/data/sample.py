@@ -28,6 +28,8 @@ SAMPLE_PHOTOS = (
 class SamplePhotos(FileDataset):
     """scikit-image's bundled colour photos, unlabelled; ``root`` and ``split`` are ignored."""
 
+    apply_orientation = True
+
     def __init__(
         self, root: str | Path | None = None, split: str | None = None, *, max_images: int | None = None
     ) -> None:

@@ -1,12 +1,20 @@
-"""Atomic file writes: a reader never sees a half-written output, and a crash never destroys a finished one."""
+"""Atomic file writes: a reader never sees a half-written output, and a crash never destroys a finished one.
+
+A file is published (renamed to its final name) only after every byte was written and flushed to the disk;
+any I/O error on the way (a full disk, a file-size limit, a read-only directory) leaves the previous file, if
+any, untouched and becomes one PipelineError naming the file and the OS error.
+"""
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
+
+from pipeline.errors import PipelineError
 
 
 def temporary_sibling(path: Path, tag: str = "tmp") -> Path:
@@ -14,18 +22,47 @@ def temporary_sibling(path: Path, tag: str = "tmp") -> Path:
     return path.with_name(f".{path.name}.{tag}-{os.getpid()}")
 
 
+def describe_os_error(error: OSError) -> str:
+    """`[Errno 28] No space left on device` style text, on one line, without the (temporary) file name."""
+    if error.errno is not None and error.strerror:
+        return f"[Errno {error.errno}] {error.strerror}"
+    return " ".join(str(error).split()) or error.__class__.__name__
+
+
+def write_failure(path: str | Path, error: OSError) -> PipelineError:
+    """The one-line error for an output that could not be written."""
+    return PipelineError(f"{path}: cannot write ({describe_os_error(error)}); nothing was published there")
+
+
+def flush_to_disk(path: str | Path) -> None:
+    """fsync a written file, so that a publish never precedes the data (write-back errors surface here)."""
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
 @contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary path to write; it replaces `path` only if the block finishes without error."""
+    """Yield a temporary path to write; it replaces `path` only if the block finishes without error and the
+    data reached the disk. An OSError in the block or while publishing becomes a PipelineError naming `path`."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     temporary = temporary_sibling(path)
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         yield temporary
+        if not temporary.is_file():
+            raise OSError(errno.ENOENT, "the writer produced no file")
+        flush_to_disk(temporary)
         os.replace(temporary, path)
+    except OSError as error:
+        raise write_failure(path, error) from None
     finally:
-        if temporary.exists():
-            temporary.unlink()
+        try:
+            temporary.unlink(missing_ok=True)
+        except OSError:
+            pass
 
 
 def write_bytes_atomic(path: str | Path, data: bytes) -> None:

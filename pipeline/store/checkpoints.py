@@ -20,10 +20,26 @@ FORMAT_VERSION = 1
 FEATURE_KEYS = ("backbone", "weights_sha256", "resolution", "grid", "mean", "std")
 
 
+def save_torch_atomic(path: str | Path, value: Any) -> None:
+    """Atomically write `value` with torch.save; a failed write names `path` and the OS error."""
+    with atomic_path(path) as temporary:
+        try:
+            torch.save(value, temporary)
+        except RuntimeError:
+            # torch's file writer reports a failed write as "unexpected pos"; writing the same value through
+            # a Python file object fails again with the OSError itself, which atomic_path reports.
+            try:
+                with open(temporary, "wb") as stream:
+                    torch.save(value, stream)
+            except RuntimeError as error:
+                if isinstance(error.__context__, OSError):
+                    raise error.__context__ from None
+                raise
+
+
 def save_checkpoint(path: str | Path, checkpoint: dict[str, Any]) -> None:
     """Atomically write a checkpoint dict."""
-    with atomic_path(path) as temporary:
-        torch.save({"format_version": FORMAT_VERSION, **checkpoint}, temporary)
+    save_torch_atomic(path, {"format_version": FORMAT_VERSION, **checkpoint})
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:

@@ -18,25 +18,44 @@ Attributes: ``provenance`` (JSON), ``format_version``, ``complete``. Features ar
 image per chunk (fp16 barely compresses and gzip costs 15–50× throughput). A run writes
 ``FILE.h5.partial`` and renames it to ``FILE.h5`` when every image is done, so a finished file is never
 half-written and an interrupted one resumes.
+
+Publishing is verified: every write and flush must succeed (HDF5 cannot recover from a write that fails
+half-way, so a batch that would not fit on the disk or under the process's file-size limit is refused before
+HDF5 sees it), the file is closed, flushed to the disk and re-read (counts, shapes, done flags, provenance)
+before the rename. Any failure leaves ``FILE.h5.partial`` partial and names it in one line; a rerun resumes
+it, or starts it over when the failure left it unreadable. Reading checks names (they become file names
+later, see `names.py`), shapes and done flags, and refuses non-finite features in one line naming the image.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import re
+import resource
+import shutil
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence, TypeVar
 
 import h5py
 import numpy as np
 
 from pipeline.errors import PipelineError
-from pipeline.store.provenance import require_same
+from pipeline.store.atomic import flush_to_disk
+from pipeline.store.names import require_safe_names
+from pipeline.store.provenance import canonical_json, require_same
 
 FORMAT_VERSION = 1
+T = TypeVar("T")
 _STRINGS = h5py.string_dtype(encoding="utf-8")
+_HINT = "rerun with --overwrite to replace it"
+_REEXTRACT = "rerun extract with --overwrite"
+# HDF5's own bytes (chunk index, heaps) on top of the raw data of a batch: generous, so a batch that passes
+# the space check never makes HDF5 extend the file past what is available.
+_METADATA_ROOM = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -52,6 +71,23 @@ class FeatureLayout:
     flip_average: bool = False
     has_labels: bool = False
 
+    def per_image_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Every per-image dataset and the shape of one image's entry in it."""
+        r, g, c = self.resolution, self.grid, self.dim
+        shapes: dict[str, tuple[int, ...]] = {"crops": (r, r, 3), "features": (g, g, c)}
+        if self.has_labels:
+            shapes["labels"] = (r, r)
+        if self.flip_average:
+            shapes["features_flip_average"] = (g, g, c)
+        if self.views:
+            shapes["view_features"] = (self.views, g, g, c)
+        return shapes
+
+    def bytes_per_image(self) -> int:
+        """Raw bytes one image adds to the file (crops and labels uint8, tokens float16)."""
+        sizes = {name: int(np.prod(shape)) for name, shape in self.per_image_shapes().items()}
+        return sum(size * (1 if name in ("crops", "labels") else 2) for name, size in sizes.items())
+
 
 def partial_path(path: Path) -> Path:
     return path.with_name(path.name + ".partial")
@@ -60,11 +96,14 @@ def partial_path(path: Path) -> Path:
 def read_provenance(path: str | Path) -> dict[str, Any]:
     """The provenance record of a finished or partial feature file."""
     with _open(Path(path), "r") as handle:
-        return json.loads(handle.attrs["provenance"])
+        return _provenance(handle, Path(path))
 
 
 class FeatureFileWriter:
-    """Creates or resumes ``FILE.h5.partial`` and publishes it as ``FILE.h5`` when complete."""
+    """Creates or resumes ``FILE.h5.partial`` and publishes it as ``FILE.h5`` when complete and verified.
+
+    ``restarted`` is True when an unreadable partial file (left by a failed write) was started over.
+    """
 
     def __init__(self, path: str | Path, layout: FeatureLayout, provenance: dict[str, Any], overwrite: bool = False):
         self.path = Path(path)
@@ -72,24 +111,52 @@ class FeatureFileWriter:
         self.layout = layout
         self.provenance = provenance
         self.already_complete = False
+        self.restarted = False
         self._handle: h5py.File | None = None
-        hint = "rerun with --overwrite to replace it"
+        self._failed = False
+        require_safe_names(layout.names, self.path)
         if self.path.exists():
             if overwrite:
                 self.path.unlink()
             else:
-                require_same(self.path, read_provenance(self.path), provenance, hint)
+                require_same(self.path, read_provenance(self.path), provenance, _HINT)
                 self.already_complete = True
                 return
         if self.partial.exists():
             if overwrite:
                 self.partial.unlink()
             else:
-                require_same(self.partial, read_provenance(self.partial), provenance, hint)
-                self._handle = _open(self.partial, "r+")
-                return
+                self._handle = self._resume()
+                if self._handle is not None:
+                    return
+                self.partial.unlink()
+                self.restarted = True
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._handle = self._create()
+        self._require_room(len(layout.names) * 64, "the new file")
+        self._handle = self._guarded(self._create)
+
+    def _resume(self) -> h5py.File | None:
+        """The partial file opened for writing, None when it is unreadable or incomplete in structure (a
+        write failed half-way, or a run was killed while creating it); other settings are refused."""
+        try:
+            handle = h5py.File(self.partial, "r+")
+        except OSError:
+            return None
+        count, shapes = len(self.layout.names), {**self.layout.per_image_shapes(), "done": (), "skipped": ()}
+        try:
+            stored = _provenance(handle, self.partial)
+            whole = all(name in handle and handle[name].shape == (count, *shape) for name, shape in shapes.items())
+        except (PipelineError, OSError, RuntimeError):
+            whole = False
+        if not whole:
+            handle.close()
+            return None
+        try:
+            require_same(self.partial, stored, self.provenance, _HINT)
+        except PipelineError:
+            handle.close()
+            raise
+        return handle
 
     def _create(self) -> h5py.File:
         layout, count = self.layout, len(self.layout.names)
@@ -136,39 +203,129 @@ class FeatureFileWriter:
     ) -> None:
         """Write images ``start .. start+len(crops)`` and only then flag them done, then flush."""
         handle, stop = self.handle, start + len(crops)
-        handle["crops"][start:stop] = crops
-        handle["features"][start:stop] = features.astype(np.float16)
-        if labels is not None and "labels" in handle:
-            handle["labels"][start:stop] = labels
-        if flip_average is not None:
-            handle["features_flip_average"][start:stop] = flip_average.astype(np.float16)
-        if view_features is not None:
-            handle["view_features"][start:stop] = view_features.astype(np.float16)
-        if skipped is not None:
-            handle["skipped"][start:stop] = [reason is not None for reason in skipped]
-            handle["errors"][start:stop] = [reason or "" for reason in skipped]
-        handle.flush()
-        handle["done"][start:stop] = True
-        handle.flush()
+        tokens = {"features": features, "features_flip_average": flip_average, "view_features": view_features}
+        for dataset, values in tokens.items():
+            if values is not None and not np.isfinite(values).all():
+                row = int(np.flatnonzero(~np.isfinite(values.reshape(len(values), -1)).all(axis=1))[0])
+                raise PipelineError(f"{self.partial}: image {self.layout.names[start + row]!r}: the backbone gave "
+                                    f"NaN or infinite {dataset}; nothing of this batch was written")
+        self._require_room(len(crops) * self.layout.bytes_per_image(), f"images {start + 1}..{stop}")
+
+        def write() -> None:
+            handle["crops"][start:stop] = crops
+            handle["features"][start:stop] = features.astype(np.float16)
+            if labels is not None and "labels" in handle:
+                handle["labels"][start:stop] = labels
+            if flip_average is not None:
+                handle["features_flip_average"][start:stop] = flip_average.astype(np.float16)
+            if view_features is not None:
+                handle["view_features"][start:stop] = view_features.astype(np.float16)
+            if skipped is not None:
+                handle["skipped"][start:stop] = [reason is not None for reason in skipped]
+                handle["errors"][start:stop] = [reason or "" for reason in skipped]
+            handle.flush()
+            handle["done"][start:stop] = True
+            handle.flush()
+
+        self._guarded(write)
 
     def finish(self) -> None:
-        """Mark complete and atomically publish the file under its final name."""
+        """Mark complete and publish the file under its final name, once it is closed, on the disk and
+        verified. A split in which no image could be read is not published (and its partial is removed)."""
         handle = self.handle
-        if not handle["done"][:].all():
-            raise PipelineError(f"{self.partial}: cannot finish, {int((~handle['done'][:]).sum())} images not done")
-        handle.attrs["complete"] = True
-        handle.close()
+        done, skipped = handle["done"][:], handle["skipped"][:]
+        if not done.all():
+            raise PipelineError(f"{self.partial}: cannot finish, {int((~done).sum())} images not done")
+        if skipped.all():
+            first = handle["errors"][0]
+            self.close()
+            self.partial.unlink()
+            raise PipelineError(f"{self.path}: none of the {len(skipped)} images could be read (first: "
+                                f"{first.decode() if isinstance(first, bytes) else first}); nothing was published")
+
+        def complete() -> None:
+            handle.attrs["complete"] = True
+            handle.flush()
+            handle.close()
+
+        self._guarded(complete)
         self._handle = None
+        try:
+            flush_to_disk(self.partial)
+        except OSError as error:
+            raise self._failure(error) from None
+        self._verify()
         os.replace(self.partial, self.path)
 
+    def _verify(self) -> None:
+        """Re-read the closed partial file: what the rename publishes must be complete and self-consistent."""
+        try:
+            with FeatureFile(self.partial) as written:
+                problems = []
+                if written.names != list(self.layout.names):
+                    problems.append("the image names differ from the dataset's")
+                if canonical_json(written.provenance) != canonical_json(self.provenance):
+                    problems.append("the provenance differs")
+        except PipelineError as error:
+            problems = [str(error)]
+        if problems:
+            raise PipelineError(f"{self.partial}: did not verify after writing ({problems[0]}); nothing was "
+                                f"published; {_HINT}")
+
     def close(self) -> None:
+        """Close the partial file (after a failed write HDF5 may fail again here: that is already reported)."""
         if self._handle is not None:
-            self._handle.close()
-            self._handle = None
+            handle, self._handle = self._handle, None
+            try:
+                handle.close()
+            except (OSError, RuntimeError) as error:
+                if not self._failed:
+                    raise self._failure(error) from None
+
+    def _guarded(self, operation: Callable[[], T]) -> T:
+        """Run an HDF5 write; its failure (h5py raises OSError or RuntimeError) becomes one PipelineError."""
+        try:
+            return operation()
+        except (OSError, RuntimeError) as error:
+            self._failed = True
+            raise self._failure(error) from None
+
+    def _failure(self, error: BaseException) -> PipelineError:
+        return PipelineError(f"{self.partial}: write failed ({_os_reason(error)}); nothing was published, "
+                             "rerun to resume once the cause is fixed")
+
+    def _require_room(self, raw_bytes: int, what: str) -> None:
+        """Refuse to start a write that the disk or the file-size limit (ulimit -f) cannot hold."""
+        needed = raw_bytes + raw_bytes // 16 + _METADATA_ROOM
+        current = self.partial.stat().st_size if self.partial.exists() else 0
+        available = shutil.disk_usage(self.partial.parent).free
+        code = errno.ENOSPC
+        limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+        if limit != resource.RLIM_INFINITY and limit - current < available:
+            available, code = max(limit - current, 0), errno.EFBIG
+        if available < needed:
+            raise PipelineError(f"{self.partial}: cannot write {what} ([Errno {code}] {os.strerror(code)}: "
+                                f"{needed} bytes needed, {available} available); nothing was published, "
+                                "rerun to resume once there is room")
+
+
+def _os_reason(error: BaseException) -> str:
+    """The OS error inside an h5py exception, on one line (HDF5 puts errno and text in its message)."""
+    if isinstance(error, OSError) and error.errno is not None and error.strerror:
+        return f"[Errno {error.errno}] {error.strerror}"
+    text = " ".join(str(error).split())
+    found = re.search(r"errno = (\d+), error message = '([^']*)'", text)
+    if found:
+        return f"[Errno {found.group(1)}] {found.group(2)}"
+    return f"{error.__class__.__name__}: {text[:160]}"
 
 
 class FeatureFile:
-    """Read access to a finished feature file. Open one per process (never share a handle across fork)."""
+    """Read access to a finished feature file. Open one per process (never share a handle across fork).
+
+    Opening checks what later stages build on (names usable as file names, one entry per image in every
+    dataset, every image done); reading tokens refuses NaN or infinite values, naming the image.
+    """
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
@@ -177,20 +334,43 @@ class FeatureFile:
             extra = f" (an unfinished {partial.name} exists: rerun extract to complete it)" if partial.exists() else ""
             raise PipelineError(f"{self.path}: feature file not found{extra}")
         self._handle = _open(self.path, "r")
-        if self._handle.attrs.get("format_version") != FORMAT_VERSION or not self._handle.attrs.get("complete"):
-            raise PipelineError(f"{self.path}: not a complete primaps-pipeline feature file (format {FORMAT_VERSION})")
-        self.provenance: dict[str, Any] = json.loads(self._handle.attrs["provenance"])
-        self.names: list[str] = [name.decode() if isinstance(name, bytes) else name for name in self._handle["names"][:]]
-        self.skipped: np.ndarray = self._handle["skipped"][:]
-        shape = self._handle["features"].shape
+        try:
+            self._check_and_load()
+        except BaseException:
+            self._handle.close()
+            raise
+
+    def _check_and_load(self) -> None:
+        handle, broken = self._handle, f"{self.path}: not a complete primaps-pipeline feature file"
+        if handle.attrs.get("format_version") != FORMAT_VERSION or not handle.attrs.get("complete"):
+            raise PipelineError(f"{broken} (format {FORMAT_VERSION})")
+        self.provenance: dict[str, Any] = _provenance(handle, self.path)
+        missing = [name for name in ("names", "crops", "features", "done", "skipped") if name not in handle]
+        if missing:
+            raise PipelineError(f"{broken} (no {', '.join(missing)} dataset)")
+        try:
+            self.names: list[str] = [name.decode() if isinstance(name, bytes) else name for name in handle["names"][:]]
+        except (UnicodeDecodeError, OSError) as error:
+            raise PipelineError(f"{broken} (unreadable image names: {error.__class__.__name__})") from None
+        require_safe_names(self.names, self.path)
+        per_image = [name for name in ("crops", "labels", "features", "features_flip_average", "view_features",
+                                       "done", "skipped") if name in handle]
+        short = [name for name in per_image if handle[name].shape[0] != len(self.names)]
+        if short:
+            raise PipelineError(f"{broken} ({short[0]} holds {handle[short[0]].shape[0]} entries for "
+                                f"{len(self.names)} images)")
+        if not handle["done"][:].all():
+            raise PipelineError(f"{broken} ({int((~handle['done'][:]).sum())} images not done)")
+        self.skipped: np.ndarray = handle["skipped"][:]
+        shape = handle["features"].shape
         self.grid: int = shape[1]
         self.dim: int = shape[3]
-        self.resolution: int = self._handle["crops"].shape[1]
-        self.views: int = self._handle["view_features"].shape[1] if "view_features" in self._handle else 0
-        self.mirrored_views: np.ndarray = (self._handle["view_mirrored"][:] if "view_mirrored" in self._handle
+        self.resolution: int = handle["crops"].shape[1]
+        self.views: int = handle["view_features"].shape[1] if "view_features" in handle else 0
+        self.mirrored_views: np.ndarray = (handle["view_mirrored"][:] if "view_mirrored" in handle
                                            else np.zeros(self.views, bool))
-        self.has_labels: bool = "labels" in self._handle
-        self.has_flip_average: bool = "features_flip_average" in self._handle
+        self.has_labels: bool = "labels" in handle
+        self.has_flip_average: bool = "features_flip_average" in handle
 
     def __len__(self) -> int:
         return len(self.names)
@@ -200,25 +380,38 @@ class FeatureFile:
         return np.flatnonzero(~self.skipped)
 
     def crop(self, index: int) -> np.ndarray:
-        return self._handle["crops"][index]
+        return self._read("crops", index)
 
     def label(self, index: int) -> np.ndarray:
         if not self.has_labels:
             raise PipelineError(f"{self.path}: has no labels (the dataset was unlabelled)")
-        return self._handle["labels"][index]
+        return self._read("labels", index)
 
     def features(self, index: int) -> np.ndarray:
         """Clean-view tokens, g×g×C float16."""
-        return self._handle["features"][index]
+        return self._read_tokens("features", index)
 
     def flip_average_features(self, index: int) -> np.ndarray:
         """Flip-averaged tokens when the file has them, else the clean tokens."""
-        name = "features_flip_average" if self.has_flip_average else "features"
-        return self._handle[name][index]
+        return self._read_tokens("features_flip_average" if self.has_flip_average else "features", index)
 
     def view_features(self, index: int, view: int) -> np.ndarray:
         """Tokens of an augmented view, g×g×C float16, aligned with the crop (mirrored views flipped back)."""
-        return self._handle["view_features"][index, view]
+        return self._read_tokens("view_features", index, view)
+
+    def _read(self, dataset: str, index: int, *more: int) -> np.ndarray:
+        try:
+            return self._handle[dataset][(index, *more)]
+        except (OSError, RuntimeError) as error:
+            raise PipelineError(f"{self.path}: image {self.names[index]!r}: cannot read {dataset} "
+                                f"({_os_reason(error)}); the file is damaged, {_REEXTRACT}") from None
+
+    def _read_tokens(self, dataset: str, index: int, *more: int) -> np.ndarray:
+        tokens = self._read(dataset, index, *more)
+        if not np.isfinite(tokens).all():
+            raise PipelineError(f"{self.path}: image {self.names[index]!r}: {dataset} hold NaN or infinite values; "
+                                f"the file is damaged, {_REEXTRACT}")
+        return tokens
 
     def close(self) -> None:
         self._handle.close()
@@ -244,8 +437,19 @@ def shared_feature_file(path: str | Path) -> FeatureFile:
         return _SHARED[key]
 
 
+def _provenance(handle: h5py.File, path: Path) -> dict[str, Any]:
+    try:
+        provenance = json.loads(handle.attrs["provenance"])
+    except (KeyError, TypeError, ValueError):
+        raise PipelineError(f"{path}: has no readable provenance record; {_REEXTRACT}") from None
+    if not isinstance(provenance, dict):
+        raise PipelineError(f"{path}: has no readable provenance record; {_REEXTRACT}")
+    return provenance
+
+
 def _open(path: Path, mode: str) -> h5py.File:
     try:
         return h5py.File(path, mode)
     except OSError as error:
-        raise PipelineError(f"{path}: cannot open as HDF5 ({error.__class__.__name__}: {str(error).splitlines()[0]})") from None
+        raise PipelineError(f"{path}: cannot open as HDF5 ({error.__class__.__name__}: "
+                            f"{str(error).splitlines()[0]})") from None
