@@ -29,6 +29,7 @@ from pipeline.heads.registry import get_head_spec
 from pipeline.heads.stego import ClusterProbe, SegmentationHead
 from pipeline.heads.stego_loss import CorrelationConfig, contrastive_correlation_loss
 from pipeline.progress import progress_bar
+from pipeline.ranges import check_ranges
 from pipeline.store.checkpoints import load_checkpoint, save_checkpoint
 from pipeline.store.features import FeatureFile
 from pipeline.store.heads import HEAD_KIND, require_head_matches_features
@@ -70,6 +71,9 @@ class TrainHeadSettings:
     device: str = "auto"
     overwrite: bool = False
 
+    def __post_init__(self) -> None:
+        check_ranges("head", vars(self))
+
     def recipe(self, center: str) -> dict[str, Any]:
         recipe = asdict(self)
         for key in ("features", "out", "neighbours_out", "device", "overwrite"):
@@ -102,9 +106,6 @@ def run_train_head(settings: TrainHeadSettings, progress: bool = True,
                    stop_after_epochs: int | None = None) -> HeadSummary:
     """Train (or resume training) a STEGO head and cluster probe on a training feature file."""
     started = time.perf_counter()
-    if settings.clusters < 2 or settings.code_dim < 1 or settings.batch_size < 2 or settings.epochs < 1:
-        raise PipelineError(f"head: need clusters ≥ 2, code_dim ≥ 1, batch_size ≥ 2 and epochs ≥ 1 (got "
-                            f"{settings.clusters}, {settings.code_dim}, {settings.batch_size}, {settings.epochs})")
     with FeatureFile(settings.features) as features:
         center_rule = settings.center or FAMILY_DEFAULTS[features.provenance["backbone_family"]][1]
         center = dataset_mean_token(features) if center_rule == "dataset_mean" else None

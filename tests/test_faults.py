@@ -488,6 +488,9 @@ def test_an_index_record_of_the_wrong_type_is_refused_in_one_line(camvid_feature
     ("fit", "--learning-rate", "0.0", "x>0"),
     ("extract", "--batch-size", "0", "x>=1"),
     ("evaluate", "--workers", "0", "x>=1"),
+    ("head", "--batch-size", "1", "x>=2"),
+    ("head", "--neighbours", "0", "x>=1"),
+    ("head", "--learning-rate", "0.0", "x>0"),
 ])
 def test_out_of_range_options_are_refused_with_the_allowed_range(command, option, value, shown, tmp_path):
     required = {"propose": ["--features", tmp_path / "f.h5", "--out", tmp_path / "m"],
@@ -495,7 +498,8 @@ def test_out_of_range_options_are_refused_with_the_allowed_range(command, option
                         "--out", tmp_path / "model.pt"],
                 "extract": ["--dataset", "sample", "--out", tmp_path / "f.h5"],
                 "evaluate": ["--model", tmp_path / "model.pt", "--features", tmp_path / "f.h5",
-                             "--out", tmp_path / "e"]}
+                             "--out", tmp_path / "e"],
+                "head": ["--features", tmp_path / "f.h5", "--out", tmp_path / "head.pt", "--clusters", "3"]}
     line = cli_refuses([command, *required[command], option, value], code=2)
     assert line == f"Error: Invalid value for '{option}': {value} is not in the range {shown}."
 
