@@ -191,8 +191,8 @@ def propose(features, out, psi, center, stop_fraction, sign_rule, crf, crf_itera
 @click.option("--ema-every", type=allowed("fit", "ema_every", integer=True), default=10)
 @click.option("--ema-max-decay", type=allowed("fit", "ema_max_decay"), default=0.98)
 @click.option("--gamma", type=allowed("fit", "gamma"), default=2.0, help="Focal exponent of the class weights.")
-@click.option("--min-share", type=allowed("fit", "min_share"), default=0.6,
-              help="Drop a mask's vote when its majority class covers less than this share (0 = the paper).")
+@click.option("--min-share", type=allowed("fit", "min_share"), default=0.0,
+              help="Drop a mask's vote when its majority class covers less than this share (0 = the paper, the default).")
 @click.option("--teacher-fallback/--no-teacher-fallback", default=True,
               help="Label pixels the vote leaves out with θ_M's own class instead of ignoring them (off = the paper).")
 @click.option("--mask-weighting", type=allowed("fit", "mask_weighting"), default=1.0,
