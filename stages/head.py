@@ -63,7 +63,7 @@ class TrainHeadSettings:
     neg_samples: int = 5
     neighbours: int = 7
     center: str | None = None
-    epochs: int = 100
+    epochs: int = 40
     batch_size: int = 16
     learning_rate: float = 5e-4
     probe_learning_rate: float = 5e-3
