@@ -47,6 +47,31 @@ def test_extract_caches_crops_labels_and_tokens(camvid, tmp_path):
     assert len(provenance["weights_sha256"]) == 64 and provenance["class_names"][0] == "sky"
 
 
+def _mean_token_cosine(a: np.ndarray, b: np.ndarray) -> float:
+    a, b = a.astype(np.float64), b.astype(np.float64)
+    return float(np.mean(np.sum(a * b, -1) / (np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1))))
+
+
+def test_mirrored_views_are_stored_on_the_crops_token_grid(camvid, tmp_path):
+    """View 1 is of the mirrored crop, its tokens flipped back: they line up with the same view taken unmirrored
+    (same augmentation draw) far better than that view's left-right flipped grid does, while the clean tokens and
+    view 0 are untouched. The masks and labels of the crop therefore fit the mirrored view too."""
+    mirrored_file, plain_file = tmp_path / "mirrored.h5", tmp_path / "plain.h5"
+    run_extract(camvid_settings(camvid, mirrored_file, views=2, resolution=224), progress=False)
+    run_extract(camvid_settings(camvid, plain_file, views=2, resolution=224, mirror_views=False), progress=False)
+    with FeatureFile(mirrored_file) as mirrored, FeatureFile(plain_file) as plain:
+        assert mirrored.mirrored_views.tolist() == [False, True] and plain.mirrored_views.tolist() == [False, False]
+        assert mirrored.provenance["mirrored_views"] == [False, True]
+        for index in range(len(mirrored)):
+            assert np.array_equal(mirrored.features(index), plain.features(index))
+            assert np.array_equal(mirrored.view_features(index, 0), plain.view_features(index, 0))
+            stored, same_draw = mirrored.view_features(index, 1), plain.view_features(index, 1)
+            assert not np.array_equal(stored, same_draw)
+            aligned = _mean_token_cosine(stored, same_draw)
+            misaligned = _mean_token_cosine(stored[:, ::-1], same_draw)
+            assert aligned > 0.8 and aligned > misaligned + 0.1, (index, aligned, misaligned)
+
+
 def test_complete_file_is_not_recomputed(camvid, tmp_path):
     settings = camvid_settings(camvid, tmp_path / "val.h5")
     run_extract(settings, progress=False)
