@@ -214,11 +214,10 @@ def _baseline(settings: FitSettings, features: FeatureFile, indices: np.ndarray,
     model already holds the init it started from (`fitted_init`), that init is the Baseline, and the
     Baseline file is rewritten from it if it is missing, damaged or another one.
     """
-    stored = None if settings.overwrite else _stored_baseline(settings, features, recipe)
     if fitted_init is not None:
-        if stored is None or not torch.equal(stored, fitted_init):
-            _save_baseline(settings, features, recipe, fitted_init)
+        _keep_baseline(settings, features, recipe, fitted_init)
         return fitted_init.numpy()
+    stored = None if settings.overwrite else _stored_baseline(settings, features, recipe)
     if stored is not None:
         return stored.numpy()
     sample = sample_tokens(features, settings.init_samples, settings.seed, indices)
@@ -245,6 +244,15 @@ def _stored_baseline(settings: FitSettings, features: FeatureFile, recipe: dict[
     return checkpoint["init"]
 
 
+def _keep_baseline(settings: FitSettings, features: FeatureFile, recipe: dict[str, Any], init: torch.Tensor) -> bool:
+    """Make the Baseline file hold `init` (the model's own); True when it had to be rewritten."""
+    stored = _stored_baseline(settings, features, recipe)
+    if stored is not None and torch.equal(stored, init):
+        return False
+    _save_baseline(settings, features, recipe, init)
+    return True
+
+
 def _save_baseline(settings: FitSettings, features: FeatureFile, recipe: dict[str, Any], init: torch.Tensor) -> None:
     prototypes = {"direction": init, "gain": torch.ones(settings.classes)}
     save_checkpoint(baseline_path(settings), {
@@ -262,9 +270,7 @@ def _restore_companions(settings: FitSettings, features: FeatureFile, recipe: di
     Returns the paths rewritten."""
     restored = []
     if head is None:
-        stored = _stored_baseline(settings, features, recipe)
-        if stored is None or not torch.equal(stored, model["init"]):
-            _save_baseline(settings, features, recipe, model["init"])
+        if _keep_baseline(settings, features, recipe, model["init"]):
             restored.append(baseline_path(settings))
     else:
         try:
