@@ -32,7 +32,7 @@ from stages.head import TrainHeadSettings, run_train_head  # noqa: E402
 ROWS = ("baseline", "primaps_em", "stego", "stego_primaps_em")
 HEAD_KEYS = {"code_dim", "epochs", "batch_size", "learning_rate", "probe_learning_rate", "neighbours",
              "feature_samples", "neg_samples", "center", "seed", "pos_intra_weight", "pos_intra_shift",
-             "pos_inter_weight", "pos_inter_shift", "neg_inter_weight", "neg_inter_shift"}
+             "pos_inter_weight", "pos_inter_shift", "neg_inter_weight", "neg_inter_shift", "probe"}
 
 
 def run_seed(args: argparse.Namespace, seed: int) -> dict[str, object]:

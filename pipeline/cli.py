@@ -353,6 +353,9 @@ def report(features, masks, model, metrics, baseline, extra_models, images, samp
 @click.option("--neighbours", type=allowed("head", "neighbours", integer=True), default=7, help="k of the nearest neighbours a partner is drawn from.")
 @click.option("--center", type=click.Choice(["auto", "none", "dataset_mean"]), default="auto",
               help="Subtract the split's mean token before feature correlations (auto: as propose, per backbone).")
+@click.option("--probe", type=click.Choice(["kmeans", "online"]), default="kmeans",
+              help="Cluster probe of the finished head: spherical k-means of its code (every cluster used), or "
+                   "STEGO's probe trained online beside the head.")
 @click.option("--epochs", type=allowed("head", "epochs", integer=True), default=40,
               help="Training epochs over the cached split (CamVid: the loss is flat from about epoch 10 on).")
 @click.option("--batch-size", type=allowed("head", "batch_size", integer=True), default=16)

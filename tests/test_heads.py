@@ -21,11 +21,13 @@ from pipeline.em import EMConfig, PrimapsEM, Prototypes
 from pipeline.errors import PipelineError
 from pipeline.heads.foreign import read_hp_checkpoint, read_stego_checkpoint
 from pipeline.heads.neighbours import global_descriptor, nearest_images
+from pipeline.heads import build_head
 from pipeline.heads.stego import SegmentationHead
 from pipeline.heads.stego_loss import correlation_term, random_partners
 from pipeline.metrics import SegmentationEvaluator
 from pipeline.segmenter import Segmenter
 from pipeline.store.checkpoints import load_checkpoint
+from pipeline.store.features import FeatureFile
 from stages.extract import ExtractSettings, run_extract
 from stages.head import ImportHeadSettings, TrainHeadSettings, run_import_head, run_train_head
 from tests.test_em import CROP, K, PlantedScenes
@@ -263,6 +265,30 @@ def test_resumed_head_training_equals_an_uninterrupted_one(camvid_features, tmp_
     assert {"loss", "self", "neighbour", "random", "probe"} <= set(first)
     with pytest.raises(PipelineError, match=r"made with different settings: .*code_dim \(file: 8, now: 9\)"):
         run_train_head(replace(whole, code_dim=9), progress=False)
+
+
+def test_the_kmeans_probe_gives_every_cluster_part_of_the_split_and_online_keeps_stegos(camvid_features, tmp_path):
+    """The default probe is spherical k-means of the finished head's code: each of the K centroids is the nearest
+    one of some of the split's tokens. `probe=online` keeps the centroids STEGO's online probe trained."""
+
+    online = TrainHeadSettings(features=camvid_features, out=tmp_path / "online.pt", clusters=11, code_dim=8,
+                               epochs=2, batch_size=4, neighbours=3, feature_samples=5, neg_samples=2, probe="online")
+    kmeans = replace(online, out=tmp_path / "kmeans.pt", neighbours_out=tmp_path / "online.neighbours.npz",
+                     probe="kmeans")
+    run_train_head(online, progress=False)
+    run_train_head(kmeans, progress=False)
+    online_head, kmeans_head = load_checkpoint(online.out), load_checkpoint(kmeans.out)
+    assert torch.equal(online_head["clusters"], online_head["training"]["probe"]["clusters"])
+    for key, value in online_head["state"].items():
+        assert torch.equal(value, kmeans_head["state"][key]), key
+    with FeatureFile(camvid_features) as features:
+        tokens = torch.from_numpy(np.stack([features.features(int(i)) for i in features.valid_indices()])).float()
+    with torch.no_grad():
+        code = torch.nn.functional.normalize(build_head(kmeans_head["state"])(tokens).reshape(-1, 8), dim=1)
+    owners = (code @ torch.nn.functional.normalize(kmeans_head["clusters"], dim=1).T).argmax(dim=1)
+    assert len(owners.unique()) == 11
+    with pytest.raises(PipelineError, match=r"probe 'best': choose one of kmeans, online"):
+        replace(online, probe="best")
 
 
 # --- PriMaPs-EM on a head's code ---------------------------------------------------------------------------
