@@ -8,7 +8,7 @@ STEGO + PriMaPs-EM − STEGO (the issue's target: ≥ +2 Acc and ≥ +1.5 mIoU, 
 
 Example:
   .venv/bin/python benchmarks/head_study.py --train /work/study/camvid/train.h5 --val /work/study/camvid/eval.h5 \\
-      --masks /work/study/camvid/masks_mean --classes 11 --preset cityscapes --epochs 40 --seeds 0,1,2 \\
+      --masks /work/study/camvid/masks_mean --classes 11 --preset camvid --epochs 40 --seeds 0,1,2 \\
       --work /work/study/heads --crf
 """
 
@@ -88,7 +88,7 @@ def main() -> None:
     parser.add_argument("--masks", type=Path, required=True)
     parser.add_argument("--classes", type=int, required=True)
     parser.add_argument("--params", type=Path, default=Path(__file__).resolve().parents[1] / "params.yaml")
-    parser.add_argument("--preset", default="cityscapes", help="a head.<preset> section of params.yaml")
+    parser.add_argument("--preset", default="camvid", help="a head.<preset> section of params.yaml")
     parser.add_argument("--epochs", type=int, default=40, help="head epochs")
     parser.add_argument("--fit-epochs", type=int, default=10)
     parser.add_argument("--seeds", default="0,1,2")
