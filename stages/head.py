@@ -3,7 +3,8 @@
 Without a checkpoint, `head` trains STEGO's head and cluster probe from the feature cache alone: the head is pointwise, so it
 runs on cached tokens, and each step pairs a batch with one of every image's k nearest neighbours (computed
 once, faiss, cached beside the head) and with random batch partners, under STEGO's contrastive correlation
-loss. Seeded and deterministic on the CPU; a checkpoint after every epoch, from which a rerun resumes exactly.
+loss. Seeded and deterministic on the CPU; a checkpoint after every epoch, from which a rerun resumes exactly. When
+training ends, the cluster probe is re-fitted by k-means of the code (see PROBES).
 
 With `--checkpoint` it converts a released STEGO `.ckpt` or HP `ckpt.pth` into a head file, after checking that the
 backbone embedded in it is the one that made the cached features.
