@@ -357,7 +357,7 @@ def report(features, masks, model, metrics, baseline, extra_models, images, samp
               help="Cluster probe of the finished head: spherical k-means of its code (every cluster used), or "
                    "STEGO's probe trained online beside the head.")
 @click.option("--epochs", type=allowed("head", "epochs", integer=True), default=40,
-              help="Training epochs over the cached split (CamVid: the loss is flat from about epoch 10 on).")
+              help="Training epochs over the cached split (CamVid, Cityscapes constants: the loss is flat from about epoch 10 on).")
 @click.option("--batch-size", type=allowed("head", "batch_size", integer=True), default=16)
 @click.option("--learning-rate", type=allowed("head", "learning_rate"), default=5e-4, help="Adam learning rate of the head.")
 @click.option("--probe-learning-rate", type=allowed("head", "probe_learning_rate"), default=5e-3, help="Adam learning rate of the cluster probe.")

@@ -26,6 +26,7 @@ from pipeline.backbones.checkpoint import sha256_file
 from pipeline.device import resolve_device
 from pipeline.em import pca_directions, spherical_kmeans
 from pipeline.errors import PipelineError
+from pipeline.heads import build_head
 from pipeline.heads.neighbours import global_descriptor, nearest_images
 from pipeline.heads.registry import get_head_spec
 from pipeline.heads.stego import ClusterProbe, SegmentationHead
@@ -219,12 +220,9 @@ def _final_probe(settings: TrainHeadSettings, features: FeatureFile, indices: np
     if settings.probe == "online":
         return trainer.probe.clusters.detach().cpu()
     sample = torch.from_numpy(sample_tokens(features, PROBE_SAMPLES, settings.seed, indices))
-    head = trainer.head.eval()
-    parameter = next(head.parameters())
+    head = build_head({key: value.cpu() for key, value in trainer.head.state_dict().items()})
     with torch.no_grad():
-        code = torch.cat([head(chunk.to(parameter.device)[None, None])[0, 0].cpu()
-                          for chunk in sample.split(16_384)]).numpy()
-    head.train()
+        code = torch.cat([head(chunk[None, None])[0, 0] for chunk in sample.split(16_384)]).numpy()
     centroids = spherical_kmeans(code, _probe_start(code, settings.clusters, settings.seed), PROBE_ITERATIONS,
                                  settings.seed)
     return torch.from_numpy(centroids)

@@ -19,9 +19,9 @@ from pipeline.backbones import build_backbone
 from pipeline.backbones.checkpoint import tensors_fingerprint
 from pipeline.em import EMConfig, PrimapsEM, Prototypes
 from pipeline.errors import PipelineError
+from pipeline.heads import build_head
 from pipeline.heads.foreign import read_hp_checkpoint, read_stego_checkpoint
 from pipeline.heads.neighbours import global_descriptor, nearest_images
-from pipeline.heads import build_head
 from pipeline.heads.stego import SegmentationHead
 from pipeline.heads.stego_loss import correlation_term, random_partners
 from pipeline.metrics import SegmentationEvaluator
@@ -270,7 +270,6 @@ def test_resumed_head_training_equals_an_uninterrupted_one(camvid_features, tmp_
 def test_the_kmeans_probe_gives_every_cluster_part_of_the_split_and_online_keeps_stegos(camvid_features, tmp_path):
     """The default probe is spherical k-means of the finished head's code: each of the K centroids is the nearest
     one of some of the split's tokens. `probe=online` keeps the centroids STEGO's online probe trained."""
-
     online = TrainHeadSettings(features=camvid_features, out=tmp_path / "online.pt", clusters=11, code_dim=8,
                                epochs=2, batch_size=4, neighbours=3, feature_samples=5, neg_samples=2, probe="online")
     kmeans = replace(online, out=tmp_path / "kmeans.pt", neighbours_out=tmp_path / "online.neighbours.npz",
@@ -284,8 +283,8 @@ def test_the_kmeans_probe_gives_every_cluster_part_of_the_split_and_online_keeps
     with FeatureFile(camvid_features) as features:
         tokens = torch.from_numpy(np.stack([features.features(int(i)) for i in features.valid_indices()])).float()
     with torch.no_grad():
-        code = torch.nn.functional.normalize(build_head(kmeans_head["state"])(tokens).reshape(-1, 8), dim=1)
-    owners = (code @ torch.nn.functional.normalize(kmeans_head["clusters"], dim=1).T).argmax(dim=1)
+        code = F.normalize(build_head(kmeans_head["state"])(tokens).reshape(-1, 8), dim=1)
+    owners = (code @ F.normalize(kmeans_head["clusters"], dim=1).T).argmax(dim=1)
     assert len(owners.unique()) == 11
     with pytest.raises(PipelineError, match=r"probe 'best': choose one of kmeans, online"):
         replace(online, probe="best")
