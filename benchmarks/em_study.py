@@ -26,6 +26,10 @@ from stages.evaluate import EvaluateSettings, run_evaluate
 from stages.fit import FitSettings, baseline_path, run_fit
 
 
+PATH_SETTINGS = ("masks", "head")
+"""FitSettings fields a recipe sets to a path: another mask directory, or a segmentation head to fit on."""
+
+
 def parse_recipe(text: str) -> tuple[str, dict[str, object]]:
     """`NAME:key=value,...` → (NAME, overrides), values typed like the FitSettings field they set."""
     name, _, assignments = text.partition(":")
@@ -35,7 +39,7 @@ def parse_recipe(text: str) -> tuple[str, dict[str, object]]:
         key, _, value = assignment.partition("=")
         if key not in fields:
             raise SystemExit(f"recipe {name}: unknown setting {key!r}")
-        overrides[key] = Path(value) if key == "masks" else {"int": int, "float": float, "bool": _boolean}[fields[key].type](value)
+        overrides[key] = Path(value) if key in PATH_SETTINGS else {"int": int, "float": float, "bool": _boolean}[fields[key].type](value)
     return name, overrides
 
 
@@ -95,7 +99,7 @@ def main() -> None:
     parser.add_argument("--val", type=Path, required=True, help="labelled evaluation feature file")
     parser.add_argument("--masks", type=Path, required=True, help="default mask directory of the training file")
     parser.add_argument("--classes", type=int, default=11)
-    parser.add_argument("--epochs", type=int, default=10, help="default epochs (a recipe may override)")
+    parser.add_argument("--epochs", type=int, default=FitSettings.epochs, help="default epochs (a recipe may override)")
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--crf", action="store_true", help="also score CRF-refined predictions")
     parser.add_argument("--work", type=Path, required=True, help="directory for models and evaluation outputs")

@@ -90,7 +90,7 @@ def main() -> None:
     parser.add_argument("--params", type=Path, default=Path(__file__).resolve().parents[1] / "params.yaml")
     parser.add_argument("--preset", default="camvid", help="a head.<preset> section of params.yaml")
     parser.add_argument("--epochs", type=int, default=40, help="head epochs")
-    parser.add_argument("--fit-epochs", type=int, default=10)
+    parser.add_argument("--fit-epochs", type=int, default=FitSettings.epochs)
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--crf", action="store_true")
     parser.add_argument("--work", type=Path, required=True)

@@ -10,7 +10,9 @@ it reaches where it reaches it least, so a recipe that wins on one dataset and l
 Datasets: `NAME:train=FILE,masks=DIR_TEMPLATE,classes=K,folds=prefix|randomN`. DIR_TEMPLATE holds `{}`, filled
 with a recipe's `masks=` variant (default `mean`). `folds=prefix` groups images by their name up to the first
 `_` (CamVid: one fold per video sequence, so a fold is a scene the fit never saw); `randomN` makes N seeded
-random folds. Recipes: `NAME:key=value,...` with `FitSettings` field names, as in em_study.py.
+random folds. Recipes: `NAME:key=value,...` with `FitSettings` field names, as in em_study.py. A recipe with
+`head=HEAD` fits PriMaPs-EM on that head's code and scores it against the head's own cluster probe (the fold's
+"Baseline" is then STEGO); give such recipes their own --work, since the Baseline files are shared per fold.
 
 Example:
   .venv/bin/python benchmarks/recipe_cv.py --work /work/study/cv --seeds 0 \\
@@ -127,7 +129,7 @@ def main() -> None:
     parser.add_argument("--dataset", action="append", required=True, help="NAME:train=…,masks=…{}…,classes=K,folds=…")
     parser.add_argument("--recipe", action="append", required=True, help="NAME:key=value,... (masks=VARIANT allowed)")
     parser.add_argument("--seeds", default="0")
-    parser.add_argument("--epochs", type=int, default=10)
+    parser.add_argument("--epochs", type=int, default=FitSettings.epochs, help="default epochs (a recipe may override)")
     parser.add_argument("--work", type=Path, required=True)
     parser.add_argument("--rows", type=Path, default=None, help="append every row as JSON here (and resume from it)")
     args = parser.parse_args()
