@@ -19,15 +19,19 @@ _LOG_FORMAT_UNSIZED = "{desc}: {n_fmt} {unit}, {elapsed} elapsed{postfix}"
 
 
 class _LineWriter:
-    """A file-like sink that turns tqdm's carriage-return redraws into whole lines, skipping blank ones."""
+    """A file-like sink that turns tqdm's carriage-return redraws into whole lines, skipping blank ones and
+    repeats of the line before (closing a bar redraws the state its last update already showed)."""
 
     def __init__(self, stream: TextIO) -> None:
         self._stream = stream
+        self._last = ""
 
     def write(self, text: str) -> None:
         for chunk in text.replace("\r", "\n").split("\n"):
-            if chunk.strip():
-                self._stream.write(chunk.rstrip() + "\n")
+            line = chunk.rstrip()
+            if line.strip() and line != self._last:
+                self._stream.write(line + "\n")
+                self._last = line
 
     def flush(self) -> None:
         self._stream.flush()

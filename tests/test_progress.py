@@ -26,6 +26,18 @@ def test_a_log_gets_whole_lines_without_carriage_returns():
     assert lines[-2].startswith("propose: 500/500 img (100%)") and lines[-1] == "propose: done"
 
 
+def test_a_bar_whose_last_update_was_drawn_logs_that_state_once():
+    log = io.StringIO()
+    with progress_bar(total=3, desc="fit", unit="epoch", stream=log) as bar:
+        for epoch in range(3):
+            bar.set_postfix(loss=f"{epoch}", refresh=False)
+            bar.update()
+        bar.refresh()  # what the timed redraw does when the interval ends on the last update; closing redraws it
+    lines = log.getvalue().splitlines()
+    assert len(lines) == len(set(lines)), lines
+    assert lines[-1].startswith("fit: 3/3 epoch (100%)") and lines[-1].endswith("loss=2")
+
+
 def test_a_terminal_gets_the_live_bar():
     terminal = FakeTerminal()
     for _ in progress_bar(range(3), desc="fit", stream=terminal):
