@@ -11,8 +11,9 @@ Datasets: `NAME:train=FILE,masks=DIR_TEMPLATE,classes=K,folds=prefix|randomN`. D
 with a recipe's `masks=` variant (default `mean`). `folds=prefix` groups images by their name up to the first
 `_` (CamVid: one fold per video sequence, so a fold is a scene the fit never saw); `randomN` makes N seeded
 random folds. Recipes: `NAME:key=value,...` with `FitSettings` field names, as in em_study.py. A recipe with
-`head=HEAD` fits PriMaPs-EM on that head's code and scores it against the head's own cluster probe (the fold's
-"Baseline" is then STEGO); give such recipes their own --work, since the Baseline files are shared per fold.
+`head=HEAD` fits PriMaPs-EM on that head's code and scores it against the head's cluster probe, which then is the
+fold's Baseline (a head trained on the whole split saw the fold's images, never their labels); give such recipes
+their own --work, since the Baseline files are shared per fold.
 
 Example:
   .venv/bin/python benchmarks/recipe_cv.py --work /work/study/cv --seeds 0 \\
