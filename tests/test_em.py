@@ -23,6 +23,8 @@ from pipeline.em import (
     pseudo_label_loss,
     spherical_kmeans,
     upsample_logits,
+    upsampled_argmax,
+    upsampled_pseudo_label_loss,
 )
 from pipeline.errors import PipelineError
 from pipeline.metrics import SegmentationEvaluator
@@ -316,6 +318,49 @@ def test_pixel_weights_ignore_unlabelled_pixels_and_keep_the_unweighted_loss_whe
     unlabelled_only[0, 0] = 1000.0
     torch.testing.assert_close(pseudo_label_loss(logits, pseudo, gamma=2.0, pixel_weights=unlabelled_only),
                                pseudo_label_loss(logits, pseudo, gamma=2.0))
+
+
+@pytest.mark.parametrize("images_per_chunk", [1, 2, 8])
+@pytest.mark.parametrize("weighted", [False, True])
+def test_upsampled_loss_equals_the_loss_of_upsampled_logits_in_value_and_gradient(monkeypatch, images_per_chunk,
+                                                                                   weighted):
+    size = (40, 56)
+    generator = torch.Generator().manual_seed(11)
+    logits = 4 * torch.randn(5, 3, 5, 7, generator=generator)
+    pseudo = torch.randint(0, 3, (5, *size), generator=generator, dtype=torch.uint8)
+    pseudo[:, :9] = 255
+    masks = torch.randint(0, 4, (5, *size), generator=generator, dtype=torch.uint8)
+    pixel_weights = mask_size_weights(masks, 1.0) if weighted else None
+    monkeypatch.setattr(em, "_CACHE_CHUNK_ELEMENTS", images_per_chunk * 3 * size[0] * size[1])
+
+    fast_input = logits.clone().requires_grad_(True)
+    fast = upsampled_pseudo_label_loss(fast_input, size, pseudo, gamma=2.0, pixel_weights=pixel_weights)
+    (2 * fast).backward()
+    plain_input = logits.clone().requires_grad_(True)
+    plain = pseudo_label_loss(upsample_logits(plain_input, size), pseudo, gamma=2.0, pixel_weights=pixel_weights)
+    (2 * plain).backward()
+    torch.testing.assert_close(fast, plain)
+    torch.testing.assert_close(fast_input.grad, plain_input.grad)
+
+
+def test_upsampled_loss_stays_exact_where_the_target_probability_underflows():
+    size = (8, 8)
+    logits = torch.zeros(1, 2, 2, 2)
+    logits[0, 0] = 300.0
+    pseudo = torch.ones(1, *size, dtype=torch.uint8)
+    fast = upsampled_pseudo_label_loss(logits, size, pseudo, gamma=0.0)
+    torch.testing.assert_close(fast, pseudo_label_loss(upsample_logits(logits, size), pseudo, gamma=0.0))
+    assert fast.item() == pytest.approx(300.0)
+    with pytest.raises(PipelineError, match=r"pseudo labels of size \(8, 8\) for crop size \(8, 9\)"):
+        upsampled_pseudo_label_loss(logits, (8, 9), pseudo)
+
+
+def test_upsampled_argmax_is_the_argmax_of_the_upsampled_logits(monkeypatch):
+    logits = torch.randn(5, 6, 5, 7, generator=torch.Generator().manual_seed(12))
+    expected = upsample_logits(logits, (30, 42)).argmax(dim=1)
+    for images_per_chunk in (1, 2, 8):
+        monkeypatch.setattr(em, "_CACHE_CHUNK_ELEMENTS", images_per_chunk * 6 * 30 * 42)
+        assert torch.equal(upsampled_argmax(logits, (30, 42)), expected)
 
 
 # --- EMA ---
