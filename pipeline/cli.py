@@ -184,8 +184,8 @@ def propose(features, out, psi, center, stop_fraction, sign_rule, crf, crf_itera
 @click.option("--holdout", type=_OrWord(click.Path(dir_okay=False, exists=True), "none"), default="none",
               help="Text file of image names (one per line) left out of the fit, e.g. a cross-validation fold "
                    "to score with `evaluate --images`.")
-@click.option("--epochs", type=allowed("fit", "epochs", integer=True), default=20,
-              help="Passes over the training split (20: chosen by the training-fold protocol on CamVid and MSRC-21).")
+@click.option("--epochs", type=allowed("fit", "epochs", integer=True), default=40,
+              help="Passes over the training split (40: chosen by the training-fold protocol on CamVid and MSRC-21).")
 @click.option("--batch-size", type=allowed("fit", "batch_size", integer=True), default=32)
 @click.option("--learning-rate", type=allowed("fit", "learning_rate"), default=2e-3,
               help="Adam learning rate (the paper: 5e-3).")
