@@ -77,8 +77,8 @@ class Prototypes(torch.nn.Module):
 _NORM_CHUNK_ELEMENTS = 1 << 24
 _NORM_EPSILON = 1e-12
 _CACHE_CHUNK_ELEMENTS = 1 << 20
-"""Upsampled logits handled at once by the chunked crop-size functions (4 MiB of float32): small enough that
-every pass over a chunk reads it from the CPU cache instead of main memory, which bounds the whole-batch version."""
+"""Upsampled logits handled at once by the chunked crop-size functions (4 MiB of float32, one crop at K ≥ 10):
+the crop-size tensors of a step then never exist for the whole batch at once."""
 
 
 def upsample_logits(logits: Tensor, size: tuple[int, int]) -> Tensor:
@@ -264,12 +264,13 @@ _SMALLEST_EXACT_PROBABILITY = 1e-30
 class _UpsampledPseudoLabelLoss(torch.autograd.Function):
     """`pseudo_label_loss(upsample_logits(logits, size), ...)` and its gradient, a chunk of images at a time.
 
-    The whole-batch version passes over B×K×H×W float32 tensors (≈ 280 MB for 32 crops of 322² and K = 21) about
-    ten times per step, bound by memory bandwidth. Here the crop-size logits of a few images are built, used and
-    dropped while they sit in the CPU cache: one pass sums the softmax for the (detached) focal weights, a second
-    takes the loss and its gradient w.r.t. the crop-size logits, (w_y / N)·(softmax − onehot(y)) for a labelled
-    pixel, which the bilinear upsampling's own backward carries to the token logits. One softmax per pixel and pass
-    serves the loss (−log p_y) and the gradient; the gradient is formed in forward, as the loss is a scalar.
+    Under autograd the whole-batch version makes about ten passes per step over B×K×H×W float32 tensors (≈ 280 MB
+    for 32 crops of 322² and K = 21), its softmax and the upsampling's backward running across strided NCHW
+    channels. Here the crop-size logits of a few images are built channels-last, used and dropped: one pass sums
+    the softmax for the (detached) focal weights, a second takes the loss and its gradient w.r.t. the crop-size
+    logits, (w_y / N)·(softmax − onehot(y)) for a labelled pixel, which the bilinear upsampling's own backward
+    carries to the token logits. One softmax per pixel and pass serves the loss (−log p_y) and the gradient; the
+    gradient is formed in forward, as the loss is a scalar.
     """
 
     @staticmethod
@@ -318,7 +319,8 @@ class _UpsampledPseudoLabelLoss(torch.autograd.Function):
 def upsampled_pseudo_label_loss(logits: Tensor, size: tuple[int, int], pseudo: Tensor, gamma: float = 2.0,
                                 pixel_weights: Tensor | None = None) -> Tensor:
     """`pseudo_label_loss(upsample_logits(logits, size), pseudo, gamma, pixel_weights)` from B×K×h×w token logits,
-    equal up to float rounding and several times faster on CPU (see _UpsampledPseudoLabelLoss); the M-step's loss.
+    equal up to float rounding, with about half the CPU time and a fraction of the memory (see
+    _UpsampledPseudoLabelLoss; README, Performance); the M-step's loss.
     """
     if pixel_weights is not None and pixel_weights.shape != pseudo.shape:
         raise PipelineError(f"upsampled_pseudo_label_loss: pixel weights of shape {tuple(pixel_weights.shape)} "
