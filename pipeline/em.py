@@ -244,17 +244,24 @@ def pseudo_label_loss(logits: Tensor, pseudo: Tensor, gamma: float = 2.0, pixel_
     labelled keeps only its labelled pixels' share of its weight. This is the definition; the M-step takes the
     same loss from token logits with `upsampled_pseudo_label_loss`, which the tests hold to it.
     """
-    if pixel_weights is not None and pixel_weights.shape != pseudo.shape:
-        raise PipelineError(f"pseudo_label_loss: pixel weights of shape {tuple(pixel_weights.shape)} "
-                            f"for pseudo labels of shape {tuple(pseudo.shape)}")
+    pixel_scale = _labelled_mean_one(pixel_weights, pseudo, "pseudo_label_loss")
     log_probabilities = F.log_softmax(logits, dim=1)
     weights = focal_class_weights(log_probabilities.detach().exp(), gamma)
     per_pixel = F.nll_loss(log_probabilities, pseudo.long(), weight=weights, ignore_index=IGNORE, reduction="none")
-    if pixel_weights is not None:
-        labelled = pseudo != IGNORE
-        if labelled.any():
-            per_pixel = per_pixel * pixel_weights / pixel_weights[labelled].mean()
+    if pixel_scale is not None:
+        per_pixel = per_pixel * pixel_scale
     return per_pixel.mean()
+
+
+def _labelled_mean_one(pixel_weights: Tensor | None, pseudo: Tensor, caller: str) -> Tensor | None:
+    """B×H×W pixel weights rescaled to mean 1 over the labelled pixels; None without weights or labelled pixels."""
+    if pixel_weights is None:
+        return None
+    if pixel_weights.shape != pseudo.shape:
+        raise PipelineError(f"{caller}: pixel weights of shape {tuple(pixel_weights.shape)} "
+                            f"for pseudo labels of shape {tuple(pseudo.shape)}")
+    labelled = pseudo != IGNORE
+    return pixel_weights / pixel_weights[labelled].mean() if labelled.any() else None
 
 
 _SMALLEST_EXACT_PROBABILITY = 1e-30
@@ -275,7 +282,7 @@ class _UpsampledPseudoLabelLoss(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, logits: Tensor, pseudo: Tensor, size: tuple[int, int], gamma: float,
-                pixel_scale: Tensor) -> Tensor:
+                pixel_scale: Tensor | None) -> Tensor:
         starts, per_chunk = _image_chunks(logits, size)
         pixels = pseudo.numel()
         probability_sum = torch.zeros(logits.shape[1], dtype=torch.float64, device=logits.device)
@@ -294,7 +301,9 @@ class _UpsampledPseudoLabelLoss(torch.autograd.Function):
             labels = pseudo[start:stop].long()
             labelled = labels != IGNORE
             target = torch.where(labelled, labels, 0).unsqueeze(-1)
-            scale = weights[target.squeeze(-1)] * pixel_scale[start:stop] * labelled
+            scale = weights[target.squeeze(-1)] * labelled
+            if pixel_scale is not None:
+                scale = scale * pixel_scale[start:stop]
             probabilities = torch.softmax(resized.detach(), dim=-1)
             target_probability = probabilities.gather(-1, target).squeeze(-1)
             negative_log_likelihood = -target_probability.log()
@@ -322,17 +331,10 @@ def upsampled_pseudo_label_loss(logits: Tensor, size: tuple[int, int], pseudo: T
     equal up to float rounding, with about half the CPU time and a fraction of the memory (see
     _UpsampledPseudoLabelLoss; README, Performance); the M-step's loss.
     """
-    if pixel_weights is not None and pixel_weights.shape != pseudo.shape:
-        raise PipelineError(f"upsampled_pseudo_label_loss: pixel weights of shape {tuple(pixel_weights.shape)} "
-                            f"for pseudo labels of shape {tuple(pseudo.shape)}")
     if tuple(pseudo.shape[-2:]) != tuple(size):
         raise PipelineError(f"upsampled_pseudo_label_loss: pseudo labels of size {tuple(pseudo.shape[-2:])} "
                             f"for crop size {tuple(size)}")
-    labelled = pseudo != IGNORE
-    if pixel_weights is None or not labelled.any():
-        pixel_scale = torch.ones(pseudo.shape, dtype=logits.dtype, device=logits.device)
-    else:
-        pixel_scale = (pixel_weights / pixel_weights[labelled].mean()).to(logits.dtype)
+    pixel_scale = _labelled_mean_one(pixel_weights, pseudo, "upsampled_pseudo_label_loss")
     return _UpsampledPseudoLabelLoss.apply(logits, pseudo, tuple(size), gamma, pixel_scale)
 
 
