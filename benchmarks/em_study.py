@@ -39,7 +39,7 @@ def parse_recipe(text: str) -> tuple[str, dict[str, object]]:
         key, _, value = assignment.partition("=")
         if key not in fields:
             raise SystemExit(f"recipe {name}: unknown setting {key!r}")
-        overrides[key] = Path(value) if key in PATH_SETTINGS else {"int": int, "float": float, "bool": _boolean}[fields[key].type](value)
+        overrides[key] = Path(value) if key in PATH_SETTINGS else {"int": int, "float": float, "bool": _boolean, "str": str}[fields[key].type](value)
     return name, overrides
 
 

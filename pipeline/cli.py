@@ -198,6 +198,9 @@ def propose(features, out, psi, center, stop_fraction, sign_rule, crf, crf_itera
               help="Label pixels the vote leaves out with θ_M's own class instead of ignoring them (off = the paper).")
 @click.option("--mask-weighting", type=allowed("fit", "mask_weighting"), default=1.0,
               help="M-step pixel weight |mask|^-w: 1 weighs every proposal alike, 0 every pixel alike (the paper).")
+@click.option("--logits", type=click.Choice(["raw", "cosine"]), default="raw",
+              help="Prototype scores on raw features (the paper) or on L2-normalised ones, starting at the initial "
+                   "model's gain (a head's cluster probe: 2, as it scores; the Baseline: 1).")
 @click.option("--augmented-student/--clean-student", default=True,
               help="M-step on one of the cached augmented views (when extract cached some) or on the clean view.")
 @click.option("--init-samples", type=allowed("fit", "init_samples", integer=True), default=200_000,

@@ -355,7 +355,9 @@ class EMConfig:
     """The PriMaPs-EM hyper-parameters (paper defaults).
 
     min_share 0 is the paper's plain majority vote; mask_weighting 0 is the paper's per-pixel mean loss
-    (1 weighs every mask alike, see mask_size_weights).
+    (1 weighs every mask alike, see mask_size_weights). `cosine` scores L2-normalised features (the paper:
+    raw ones) and `initial_gain` is where every g_k starts, so a fit can start exactly as its initial model
+    scores (a cluster probe: cosine with gain 2).
     """
 
     num_classes: int
@@ -366,6 +368,8 @@ class EMConfig:
     min_share: float = 0.0
     teacher_fallback: bool = False
     mask_weighting: float = 0.0
+    cosine: bool = False
+    initial_gain: float = 1.0
     seed: int = 0
 
 
@@ -392,9 +396,10 @@ class PrimapsEM:
         self.ema_updates = 0
 
     def _prototypes_from(self, init: Tensor) -> Prototypes:
-        prototypes = Prototypes(*init.shape)
+        prototypes = Prototypes(*init.shape, cosine=self.config.cosine)
         with torch.no_grad():
             prototypes.direction.copy_(init)
+            prototypes.gain.fill_(self.config.initial_gain)
         return prototypes.to(self.device)
 
     def step(self, clean: Tensor, student: Tensor, masks: Tensor) -> dict[str, float]:

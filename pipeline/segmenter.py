@@ -17,7 +17,8 @@ from pipeline.heads.stego import SegmentationHead
 
 COSINE_KINDS = frozenset({"baseline", "cluster-probe"})
 """Checkpoint kinds scored with cosine logits: the k-means Baseline (as the reference scores it) and a head's
-cluster probe (as STEGO and HP score theirs, with a gain of 2: log_softmax(2·cos))."""
+cluster probe (as STEGO and HP score theirs, with a gain of 2: log_softmax(2·cos)). A PriMaPs-EM model says
+which it was fitted with (`fit --logits`); one without the record predates the option and is raw."""
 
 
 class Segmenter(nn.Module):
@@ -44,10 +45,11 @@ class Segmenter(nn.Module):
 
 
 def load_segmenter(checkpoint: dict[str, Any]) -> Segmenter:
-    """θ_M of a checkpoint (of a Baseline or a cluster probe: its centroids, scored with cosine logits), behind
-    the head the checkpoint embeds, if any; in eval mode, frozen."""
+    """θ_M of a checkpoint (of a Baseline or a cluster probe: its centroids), scored with the logits it was
+    fitted with, behind the head the checkpoint embeds, if any; in eval mode, frozen."""
     state = checkpoint["momentum"]
-    prototypes = Prototypes(*state["direction"].shape, cosine=checkpoint["kind"] in COSINE_KINDS)
+    cosine = checkpoint["kind"] in COSINE_KINDS or checkpoint.get("logits") == "cosine"
+    prototypes = Prototypes(*state["direction"].shape, cosine=cosine)
     prototypes.load_state_dict(state)
     head = build_head(checkpoint["head"]["state"]) if checkpoint.get("head") else None
     return Segmenter(prototypes, head).eval().requires_grad_(False)

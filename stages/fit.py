@@ -42,6 +42,9 @@ from pipeline.viz import save_history_figure
 CLUSTER_PROBE_GAIN = 2.0
 """STEGO's and HP's cluster probes score log_softmax(2·cos) at evaluation (alpha = 2)."""
 
+LOGITS_CHOICES = ("raw", "cosine")
+"""`fit --logits`: prototype scores on raw features (the paper) or on L2-normalised ones."""
+
 
 @dataclass(frozen=True)
 class FitSettings:
@@ -70,6 +73,7 @@ class FitSettings:
     min_share: float = 0.0
     teacher_fallback: bool = True
     mask_weighting: float = 1.0
+    logits: str = "raw"
     augmented_student: bool = True
     init_samples: int = 200_000
     kmeans_iterations: int = 100
@@ -79,6 +83,8 @@ class FitSettings:
 
     def __post_init__(self) -> None:
         check_ranges("fit", vars(self))
+        if self.logits not in LOGITS_CHOICES:
+            raise PipelineError(f"--logits {self.logits}: must be one of {', '.join(LOGITS_CHOICES)}")
 
     def recipe(self, holdout: list[str] | None = None) -> dict[str, Any]:
         """The settings that change the result (paths, device and overwrite do not; the held-out images do)."""
@@ -124,6 +130,19 @@ def _write_history(settings: FitSettings, history: list[dict[str, float]]) -> No
     save_history_figure(path.with_suffix(".png"), history)
 
 
+def em_config(settings: FitSettings) -> EMConfig:
+    """The EM hyper-parameters of a fit. With cosine logits every gain starts where the initial model's scoring
+    has it (a head's cluster probe: 2; the Baseline: 1), so the first E-step labels and the first loss are the
+    initial model's own."""
+    cosine = settings.logits == "cosine"
+    return EMConfig(num_classes=settings.classes, learning_rate=settings.learning_rate,
+                    ema_every=settings.ema_every, ema_max_decay=settings.ema_max_decay, gamma=settings.gamma,
+                    min_share=settings.min_share, teacher_fallback=settings.teacher_fallback,
+                    mask_weighting=settings.mask_weighting, cosine=cosine,
+                    initial_gain=CLUSTER_PROBE_GAIN if cosine and settings.head is not None else 1.0,
+                    seed=settings.seed)
+
+
 def run_fit(settings: FitSettings, progress: bool = True, stop_after_epochs: int | None = None) -> FitSummary:
     """Fit (or resume fitting) PriMaPs-EM; writes the Baseline checkpoint and then the EM model.
 
@@ -157,11 +176,7 @@ def run_fit(settings: FitSettings, progress: bool = True, stop_after_epochs: int
                              fitted_init=existing["init"] if existing is not None else None)
         else:
             init = _cluster_probe(settings, features, head)
-        config = EMConfig(num_classes=settings.classes, learning_rate=settings.learning_rate,
-                          ema_every=settings.ema_every, ema_max_decay=settings.ema_max_decay, gamma=settings.gamma,
-                          min_share=settings.min_share, teacher_fallback=settings.teacher_fallback,
-                          mask_weighting=settings.mask_weighting, seed=settings.seed)
-        em = PrimapsEM(init, config, device)
+        em = PrimapsEM(init, em_config(settings), device)
         head_module = build_head(head["state"]).to(device) if head is not None else None
         history: list[dict[str, float]] = []
         if existing is not None:
@@ -386,6 +401,7 @@ def _save(path: Path, recipe: dict[str, Any], provenance: dict[str, Any], init: 
     state = em.state_dict()
     save_checkpoint(path, {
         "kind": "primaps-em", "complete": complete, "recipe": recipe, "provenance": provenance,
+        "logits": "cosine" if em.config.cosine else "raw",
         "features_provenance": provenance["features"], "init": torch.as_tensor(init, dtype=torch.float32),
         "momentum": {key: value.cpu() for key, value in state["momentum"].items()},
         "running": {key: value.cpu() for key, value in state["running"].items()},

@@ -518,6 +518,8 @@ def test_out_of_range_params_yaml_keys_and_settings_are_refused(tmp_path):
         ProposeSettings(features=tmp_path / "f.h5", out=tmp_path / "m", psi=1.5)
     with pytest.raises(PipelineError, match=r"^--epochs 0: must be at least 1$"):
         FitSettings(features=tmp_path / "f.h5", masks=tmp_path / "m", classes=3, out=tmp_path / "m.pt", epochs=0)
+    with pytest.raises(PipelineError, match=r"^--logits cos: must be one of raw, cosine$"):
+        FitSettings(features=tmp_path / "f.h5", masks=tmp_path / "m", classes=3, out=tmp_path / "m.pt", logits="cos")
 
 
 def test_skip_bad_with_no_readable_image_publishes_nothing(tmp_path):

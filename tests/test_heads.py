@@ -25,10 +25,11 @@ from pipeline.heads.neighbours import global_descriptor, nearest_images
 from pipeline.heads.stego import SegmentationHead
 from pipeline.heads.stego_loss import correlation_term, random_partners
 from pipeline.metrics import SegmentationEvaluator
-from pipeline.segmenter import Segmenter
+from pipeline.segmenter import Segmenter, load_segmenter
 from pipeline.store.checkpoints import load_checkpoint
 from pipeline.store.features import FeatureFile
 from stages.extract import ExtractSettings, run_extract
+from stages.fit import em_config
 from stages.head import ImportHeadSettings, TrainHeadSettings, run_import_head, run_train_head
 from tests.test_em import CROP, K, PlantedScenes
 
@@ -293,10 +294,11 @@ def test_the_kmeans_probe_gives_every_cluster_part_of_the_split_and_online_keeps
 # --- PriMaPs-EM on a head's code ---------------------------------------------------------------------------
 
 
-def test_em_on_code_features_reaches_95_percent_on_planted_data():
+@pytest.mark.parametrize("cosine", [False, True], ids=["raw-logits", "cosine-logits"])
+def test_em_on_code_features_reaches_95_percent_on_planted_data(cosine):
     """Planted scenes through a fixed head (a random rotation of the 16 channels plus a weak random nonlinear
     branch): the classes stay apart in code space, and EM fitted on the code from a confused cluster probe
-    recovers them."""
+    recovers them, with the paper's raw logits and with cosine ones starting at the probe's gain of 2."""
     torch.manual_seed(0)
     scenes = PlantedScenes(seed=3)
     head = SegmentationHead(feature_dim=16, code_dim=16).eval().requires_grad_(False)
@@ -310,11 +312,11 @@ def test_em_on_code_features_reaches_95_percent_on_planted_data():
                                                      dtype=torch.float32).view(1, 1, 1, -1)).view(-1)
                                    for k in range(K)])
     confused_probe = class_means + 0.8 * class_means.roll(-1, dims=0)
-    model = PrimapsEM(confused_probe.numpy(), EMConfig(num_classes=K))
+    model = PrimapsEM(confused_probe.numpy(), EMConfig(num_classes=K, cosine=cosine, initial_gain=2.0 if cosine else 1.0))
 
     def accuracy() -> float:
         evaluator = SegmentationEvaluator(K)
-        prototypes = Prototypes(K, 16)
+        prototypes = Prototypes(K, 16, cosine=cosine)
         prototypes.load_state_dict(model.momentum.state_dict())
         segmenter = Segmenter(prototypes, head)
         with torch.no_grad():
@@ -354,6 +356,14 @@ def test_stego_plus_primaps_em_end_to_end_from_the_cache(camvid_features, camvid
     assert list(summary)[1:3] == ["primaps_em", "stego"]
     for row in ("primaps_em", "stego"):
         assert 0 < summary[row]["no_crf"]["pixel_accuracy"] <= 100
+    assert em["logits"] == "raw" and not load_segmenter(em).prototypes.cosine, "the paper's raw logits by default"
+    cosine = replace(fit, logits="cosine", out=tmp_path / "stego_em_cosine.pt", epochs=1)
+    with FeatureFile(camvid_features) as features:
+        tokens = torch.from_numpy(features.features(0)).float()[None]
+    start = Segmenter(PrimapsEM(probe["init"].numpy(), em_config(cosine)).momentum, load_segmenter(probe).head)
+    torch.testing.assert_close(start.pixel_logits(tokens, CROP), load_segmenter(probe).pixel_logits(tokens, CROP))
+    run_fit(cosine, progress=False)
+    assert load_checkpoint(cosine.out)["logits"] == "cosine" and load_segmenter(load_checkpoint(cosine.out)).prototypes.cosine
     with pytest.raises(PipelineError, match=r"--classes 5: the head's cluster probe has 11 clusters"):
         run_fit(replace(fit, classes=5, out=tmp_path / "k5.pt"), progress=False)
     from PIL import Image
