@@ -129,3 +129,22 @@ def test_a_head_experiment_runs_stego_plus_primaps_em_end_to_end(project):
     for row in ("cityscapes", "cityscapes_primaps_em"):
         assert isinstance(metrics[row]["no_crf"]["miou"], float)
     assert (project / "cache" / "report_cityscapes" / "index.html").exists()
+
+
+def test_every_documented_set_param_applies_to_params_yaml(tmp_path):
+    """Each `-S key=value` shown in the README or params.yaml names a key DVC can set (it refuses missing keys)."""
+    from dvc.utils.hydra import apply_overrides
+
+    documented = set()
+    for name in ("README.md", "params.yaml"):
+        documented |= set(re.findall(r"-S '?([\w.]+=[^\s'`]+)", (REPOSITORY / name).read_text(encoding="utf-8")))
+    assert any(override.startswith("head.released.") for override in documented)
+    for override in sorted(documented):
+        params = tmp_path / "params.yaml"
+        shutil.copy(REPOSITORY / "params.yaml", params)
+        apply_overrides(str(params), [override])
+        key, value = override.split("=", 1)
+        section = yaml.safe_load(params.read_text())
+        for part in key.split("."):
+            section = section[part]
+        assert str(section).lower().replace(" ", "").replace("'", "") == value.lower(), override
