@@ -15,6 +15,7 @@ Example:
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
@@ -24,6 +25,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from em_study import parse_recipe  # noqa: E402
 from pipeline.params import load_section  # noqa: E402
 from stages.evaluate import EvaluateSettings, run_evaluate  # noqa: E402
 from stages.fit import FitSettings, run_fit  # noqa: E402
@@ -45,11 +47,13 @@ def run_seed(args: argparse.Namespace, seed: int) -> dict[str, object]:
     head_seconds = time.perf_counter() - started
     plain = FitSettings(features=args.train, masks=args.masks, classes=args.classes, out=args.work / f"em_s{seed}.pt",
                         baseline_out=args.work / f"baseline_s{seed}.pt", seed=seed, epochs=args.fit_epochs)
+    plain = dataclasses.replace(plain, **args.fit_overrides)
     run_fit(plain, progress=False)
     on_head = FitSettings(features=args.train, masks=args.masks, classes=args.classes, head=head_path,
                           out=args.work / f"stego_em_{args.preset}_e{args.epochs}_s{seed}.pt",
                           baseline_out=args.work / f"stego_probe_{args.preset}_e{args.epochs}_s{seed}.pt", seed=seed,
                           epochs=args.fit_epochs)
+    on_head = dataclasses.replace(on_head, **args.fit_overrides)
     run_fit(on_head, progress=False)
     summary = run_evaluate(EvaluateSettings(
         model=plain.out, baseline=plain.baseline_out, features=args.val, crf=args.crf, workers=2,
@@ -91,10 +95,13 @@ def main() -> None:
     parser.add_argument("--preset", default="camvid", help="a head.<preset> section of params.yaml")
     parser.add_argument("--epochs", type=int, default=40, help="head epochs")
     parser.add_argument("--fit-epochs", type=int, default=FitSettings.epochs)
+    parser.add_argument("--fit-settings", default="",
+                        help="key=value,... FitSettings fields for both EM fits (e.g. ema_every=10)")
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--crf", action="store_true")
     parser.add_argument("--work", type=Path, required=True)
     args = parser.parse_args()
+    args.fit_overrides = parse_recipe(f"fit-settings:{args.fit_settings}")[1]
     args.work.mkdir(parents=True, exist_ok=True)
     rows = []
     for seed in (int(seed) for seed in args.seeds.split(",")):

@@ -84,19 +84,19 @@ def test_experiments_are_compared_by_dvc_exp_show_metrics_diff_and_offline_plots
     changed = [line for line in run(["git", "diff", "--", "params.yaml"], project).splitlines()
                if line.startswith(("+ ", "- ", "+  ", "-  "))]
     assert len(changed) == 2, f"one -S change rewrote other lines of params.yaml: {changed}"
-    run([str(BIN / "dvc"), "exp", "run", "-n", "ema1", "-S", "fit.classes=11", "-S", "fit.ema_every=1"], project)
+    run([str(BIN / "dvc"), "exp", "run", "-n", "ema10", "-S", "fit.classes=11", "-S", "fit.ema_every=10"], project)
 
     shown = json.loads(run([str(BIN / "dvc"), "exp", "show", "--json"], project, stdout_only=True))
     experiments = {experiment["name"]: experiment["revs"][0] for commit in shown
                    for experiment in commit.get("experiments") or []}
-    assert {"k6", "ema1"} <= set(experiments)
-    for name in ("k6", "ema1"):
+    assert {"k6", "ema10"} <= set(experiments)
+    for name in ("k6", "ema10"):
         metrics = experiments[name]["data"]["metrics"]["results/eval/metrics.json"]["data"]
         for role in ("baseline", "primaps_em"):
             assert isinstance(metrics[role]["no_crf"]["pixel_accuracy"], float)
             assert isinstance(metrics[role]["no_crf"]["miou"], float)
 
-    diff = run([str(BIN / "dvc"), "metrics", "diff", "k6", "ema1", "--json"], project, stdout_only=True)
+    diff = run([str(BIN / "dvc"), "metrics", "diff", "k6", "ema10", "--json"], project, stdout_only=True)
     changes = json.loads(diff)["results/eval/metrics.json"]
     assert changes["primaps_em.clusters_used"]["old"] <= 6 < changes["primaps_em.clusters_used"]["new"]
     assert "primaps_em.no_crf.miou" in changes and "baseline.no_crf.pixel_accuracy" in changes
