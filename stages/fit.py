@@ -53,8 +53,8 @@ class FitSettings:
     The defaults are the recipe the training-fold protocol picked on CamVid and MSRC-21 together (README,
     "Choosing the recipe without val"): every mask weighs the same in the M-step loss, lr 2e-3, the paper's
     plain majority vote, the teacher's own class where no mask lies, 40 epochs, θ_M updated after every step
-    (a run here is a few hundred steps, so the paper's update every 10th left θ_M the plain average of some 30
-    snapshots of θ_R, its warm-up, where the paper's runs spend nine tenths of their steps at decay 0.98). The
+    (a run here is a few hundred steps, so the paper's update every 10th left θ_M the plain average of its 24–52
+    snapshots of θ_R, its warm-up, where the paper's runs spend nine tenths of their updates at decay 0.98). The
     paper's recipe is learning_rate=5e-3, ema_every=10, teacher_fallback=False, mask_weighting=0.
     """
 
