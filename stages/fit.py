@@ -54,8 +54,10 @@ class FitSettings:
     "Choosing the recipe without val"): every mask weighs the same in the M-step loss, lr 2e-3, the paper's
     plain majority vote, the teacher's own class where no mask lies, 40 epochs, θ_M updated after every step
     (a run here is a few hundred steps, so the paper's update every 10th left θ_M the plain average of its 24–52
-    snapshots of θ_R, its warm-up, where the paper's runs spend nine tenths of their updates at decay 0.98). The
-    paper's recipe is learning_rate=5e-3, ema_every=10, teacher_fallback=False, mask_weighting=0.
+    snapshots of θ_R, its warm-up, where the paper's runs spend nine tenths of their updates at decay 0.98). On a
+    head's code θ_M follows every `head_ema_every` = 10th step instead: the same protocol on STEGO's code lost
+    6.8 Acc / 2.4 mIoU to the head's cluster probe with updates after every step and 0.8 / +0.1 with every 10th.
+    The paper's recipe is learning_rate=5e-3, ema_every=10, teacher_fallback=False, mask_weighting=0.
     """
 
     features: Path
@@ -70,6 +72,7 @@ class FitSettings:
     batch_size: int = 32
     learning_rate: float = 2e-3
     ema_every: int = 1
+    head_ema_every: int = 10
     ema_max_decay: float = 0.98
     gamma: float = 2.0
     min_share: float = 0.0
@@ -133,12 +136,13 @@ def _write_history(settings: FitSettings, history: list[dict[str, float]]) -> No
 
 
 def em_config(settings: FitSettings) -> EMConfig:
-    """The EM hyper-parameters of a fit. With cosine logits every gain starts where the initial model's scoring
-    has it (a head's cluster probe: 2; the Baseline: 1), so the first E-step labels and the first loss are the
-    initial model's own."""
+    """The EM hyper-parameters of a fit; on a head's code θ_M follows every head_ema_every-th step. With cosine
+    logits every gain starts where the initial model's scoring has it (a head's cluster probe: 2; the Baseline:
+    1), so the first E-step labels and the first loss are the initial model's own."""
     cosine = settings.logits == "cosine"
     return EMConfig(num_classes=settings.classes, learning_rate=settings.learning_rate,
-                    ema_every=settings.ema_every, ema_max_decay=settings.ema_max_decay, gamma=settings.gamma,
+                    ema_every=settings.ema_every if settings.head is None else settings.head_ema_every,
+                    ema_max_decay=settings.ema_max_decay, gamma=settings.gamma,
                     min_share=settings.min_share, teacher_fallback=settings.teacher_fallback,
                     mask_weighting=settings.mask_weighting, cosine=cosine,
                     initial_gain=CLUSTER_PROBE_GAIN if cosine and settings.head is not None else 1.0,
