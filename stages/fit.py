@@ -92,9 +92,12 @@ class FitSettings:
             raise PipelineError(f"--logits {self.logits}: must be one of {', '.join(LOGITS_CHOICES)}")
 
     def recipe(self, holdout: list[str] | None = None) -> dict[str, Any]:
-        """The settings that change the result (paths, device and overwrite do not; the held-out images do)."""
+        """The settings that change the result (paths, device and overwrite do not; the held-out images do, and of
+        the two θ_M cadences only the one this fit uses: a token fit ignores head_ema_every, a head fit ema_every)."""
         recipe = asdict(self)
-        for key in ("features", "masks", "out", "baseline_out", "history_out", "head", "device", "overwrite"):
+        unused_cadence = "ema_every" if self.head is not None else "head_ema_every"
+        for key in ("features", "masks", "out", "baseline_out", "history_out", "head", "device", "overwrite",
+                    unused_cadence):
             recipe.pop(key)
         recipe["holdout"] = list_fingerprint(holdout)
         return recipe
