@@ -404,6 +404,7 @@ class PrimapsEM:
 
     def step(self, clean: Tensor, student: Tensor, masks: Tensor) -> dict[str, float]:
         """One EM step on a batch: E-step pseudo labels from θ_M on `clean`, M-step Adam update of θ_R on `student`.
+        Returns the loss, the pseudo-labelled share of the pixels and the pseudo-labelled pixels per class.
 
         `student` holds the tokens of an augmented view aligned with the crop (a view of the mirrored image
         comes flipped back from the feature cache: mirroring cached tokens and masks together would change
@@ -428,7 +429,9 @@ class PrimapsEM:
         if self.steps % self.config.ema_every == 0:
             ema_update(self.momentum, self.running, ema_decay(self.ema_updates, self.config.ema_max_decay))
             self.ema_updates += 1
-        return {"loss": loss.item(), "labelled_fraction": (pseudo != IGNORE).float().mean().item()}
+        labelled = pseudo[pseudo != IGNORE].long()
+        return {"loss": loss.item(), "labelled_fraction": labelled.numel() / pseudo.numel(),
+                "class_pixels": torch.bincount(labelled, minlength=self.config.num_classes).tolist()}
 
     @torch.no_grad()
     def predict(self, features: Tensor, size: tuple[int, int]) -> Tensor:

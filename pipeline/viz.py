@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from html import escape
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 from urllib.parse import quote
 
 import matplotlib
@@ -69,17 +69,25 @@ def save_cluster_share_figure(path: str | Path, shares: dict[str, Sequence[float
     _save_figure(figure, path)
 
 
-def save_history_figure(path: str | Path, history: Sequence[dict[str, float]]) -> None:
-    """A fit's loss and pseudo-labelled share per epoch, side by side (an image plot DVC shows offline)."""
+def save_history_figure(path: str | Path, history: Sequence[dict[str, Any]]) -> None:
+    """A fit's loss, pseudo-labelled share and each cluster's share of the pseudo labels per epoch, side by side
+    (an image plot DVC shows offline); a cluster whose share falls towards 0 is starving."""
     epochs = [row["epoch"] for row in history]
-    figure, (loss_axes, share_axes) = plt.subplots(1, 2, figsize=(8, 3))
+    figure, (loss_axes, share_axes, class_axes) = plt.subplots(1, 3, figsize=(12, 3))
     loss_axes.plot(epochs, [row["loss"] for row in history], marker="o")
     loss_axes.set_xlabel("epoch")
     loss_axes.set_ylabel("M-step loss")
     share_axes.plot(epochs, [100 * row["labelled_fraction"] for row in history], marker="o", color="tab:green")
     share_axes.set_xlabel("epoch")
     share_axes.set_ylabel("% pixels pseudo-labelled")
-    for axes in (loss_axes, share_axes):
+    rows = [row for row in history if "class_shares" in row]
+    if rows:
+        shares = 100 * np.array([row["class_shares"] for row in rows])
+        class_axes.plot([row["epoch"] for row in rows], np.maximum(shares, 1e-3))
+        class_axes.set_yscale("log")
+    class_axes.set_xlabel("epoch")
+    class_axes.set_ylabel("% of pseudo labels, per cluster")
+    for axes in (loss_axes, share_axes, class_axes):
         axes.grid(alpha=0.3)
     figure.tight_layout()
     _save_figure(figure, path)

@@ -132,7 +132,7 @@ def history_path(settings: FitSettings) -> Path:
     return settings.history_out or settings.out.with_name(settings.out.stem + ".history.json")
 
 
-def _write_history(settings: FitSettings, history: list[dict[str, float]]) -> None:
+def _write_history(settings: FitSettings, history: list[dict[str, Any]]) -> None:
     path = history_path(settings)
     write_json_atomic(path, history)
     save_history_figure(path.with_suffix(".png"), history)
@@ -187,7 +187,7 @@ def run_fit(settings: FitSettings, progress: bool = True, stop_after_epochs: int
             init = _cluster_probe(settings, features, head)
         em = PrimapsEM(init, em_config(settings), device)
         head_module = build_head(head["state"]).to(device) if head is not None else None
-        history: list[dict[str, float]] = []
+        history: list[dict[str, Any]] = []
         if existing is not None:
             em.load_state_dict(existing["em"])
             history = list(existing["history"])
@@ -356,18 +356,22 @@ def sample_tokens(features: FeatureFile, count: int, seed: int, indices: np.ndar
 
 
 def _run_epoch(em: PrimapsEM, features: FeatureFile, indices: np.ndarray, records: dict[str, mask_store.MaskRecord],
-               settings: FitSettings, epoch: int, bar: tqdm, head: SegmentationHead | None) -> dict[str, float]:
+               settings: FitSettings, epoch: int, bar: tqdm, head: SegmentationHead | None) -> dict[str, Any]:
     order = np.random.default_rng([settings.seed, epoch]).permutation(indices)
     batches = [order[start:start + settings.batch_size] for start in range(0, len(order), settings.batch_size)]
     losses, labelled = [], []
+    class_pixels = np.zeros(settings.classes, dtype=np.int64)
     for clean, student, masks in _prefetch(features, records, settings, epoch, batches, head):
         stats = em.step(clean, student, masks)
         losses.append(stats["loss"])
         labelled.append(stats["labelled_fraction"])
+        class_pixels += stats["class_pixels"]
         bar.set_postfix(epoch=f"{epoch + 1}/{settings.epochs}", loss=f"{stats['loss']:.4f}",
                         labelled=f"{stats['labelled_fraction']:.2f}", refresh=False)
         bar.update()
-    return {"epoch": epoch + 1, "loss": float(np.mean(losses)), "labelled_fraction": float(np.mean(labelled))}
+    shares = class_pixels / max(int(class_pixels.sum()), 1)
+    return {"epoch": epoch + 1, "loss": float(np.mean(losses)), "labelled_fraction": float(np.mean(labelled)),
+            "class_shares": [round(float(share), 6) for share in shares]}
 
 
 def _prefetch(features: FeatureFile, records: dict[str, mask_store.MaskRecord], settings: FitSettings, epoch: int,
@@ -406,7 +410,7 @@ def _read_batch(features: FeatureFile, masks: Path, records: dict[str, mask_stor
 
 
 def _save(path: Path, recipe: dict[str, Any], provenance: dict[str, Any], init: np.ndarray, em: PrimapsEM,
-          history: list[dict[str, float]], head: dict[str, Any] | None, complete: bool) -> None:
+          history: list[dict[str, Any]], head: dict[str, Any] | None, complete: bool) -> None:
     state = em.state_dict()
     save_checkpoint(path, {
         "kind": "primaps-em", "complete": complete, "recipe": recipe, "provenance": provenance,

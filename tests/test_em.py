@@ -430,6 +430,16 @@ def test_labelled_fraction_is_the_share_of_mask_pixels():
     assert result["labelled_fraction"] == pytest.approx((masks != 255).float().mean().item())
 
 
+def test_class_pixels_count_the_e_step_pseudo_labels_per_class():
+    clean, student, masks = random_batch(5)
+    model = PrimapsEM(PlantedScenes(seed=5).confused_init(), EMConfig(num_classes=K))
+    with torch.no_grad():
+        pseudo = em.e_step(upsample_logits(model.momentum(clean), tuple(masks.shape[-2:])), masks, K)
+    counts = model.step(clean, student, masks)["class_pixels"]
+    assert counts == [int((pseudo == k).sum()) for k in range(K)]
+    assert sum(counts) == int((masks != 255).sum()) and sum(count > 0 for count in counts) >= 2
+
+
 def test_em_on_planted_clusters_reaches_95_percent_from_a_poor_init():
     scenes = PlantedScenes(seed=0)
     test_features, _, test_labels = scenes.batch(32)

@@ -29,6 +29,8 @@ def test_fit_writes_baseline_and_model(camvid_features, camvid_masks, tmp_path):
     assert summary.epochs_run == 3 and np.isfinite(summary.final_loss) and 0 < summary.labelled_fraction <= 1
     model, baseline = load_checkpoint(settings.out), load_checkpoint(baseline_path(settings))
     assert model["kind"] == "primaps-em" and model["complete"] and len(model["history"]) == 3
+    for row in model["history"]:
+        assert len(row["class_shares"]) == settings.classes and sum(row["class_shares"]) == pytest.approx(1, abs=1e-4)
     assert model["logits"] == "raw", "the default is the paper's raw-feature logits"
     assert baseline["kind"] == "baseline"
     assert torch.equal(model["init"], baseline["init"])
