@@ -402,7 +402,7 @@ class PrimapsEM:
             prototypes.gain.fill_(self.config.initial_gain)
         return prototypes.to(self.device)
 
-    def step(self, clean: Tensor, student: Tensor, masks: Tensor) -> dict[str, float]:
+    def step(self, clean: Tensor, student: Tensor, masks: Tensor) -> dict[str, Any]:
         """One EM step on a batch: E-step pseudo labels from θ_M on `clean`, M-step Adam update of θ_R on `student`.
         Returns the loss, the pseudo-labelled share of the pixels and the pseudo-labelled pixels per class.
 
