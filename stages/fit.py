@@ -95,12 +95,16 @@ class FitSettings:
         """The settings that change the result (paths, device and overwrite do not; the held-out images do, and of
         the two θ_M cadences only the one this fit uses: a token fit ignores head_ema_every, a head fit ema_every)."""
         recipe = asdict(self)
-        unused_cadence = "ema_every" if self.head is not None else "head_ema_every"
+        unused_cadence = "ema_every" if self.cadence_field() == "head_ema_every" else "head_ema_every"
         for key in ("features", "masks", "out", "baseline_out", "history_out", "head", "device", "overwrite",
                     unused_cadence):
             recipe.pop(key)
         recipe["holdout"] = list_fingerprint(holdout)
         return recipe
+
+    def cadence_field(self) -> str:
+        """The field that sets θ_M's EMA cadence for this fit: head_ema_every on a head's code, else ema_every."""
+        return "ema_every" if self.head is None else "head_ema_every"
 
     def init_recipe(self, holdout: list[str] | None = None) -> dict[str, Any]:
         recipe = {key: getattr(self, key) for key in ("classes", "init_samples", "kmeans_iterations", "seed")}
@@ -144,7 +148,7 @@ def em_config(settings: FitSettings) -> EMConfig:
     1), so the first E-step labels and the first loss are the initial model's own."""
     cosine = settings.logits == "cosine"
     return EMConfig(num_classes=settings.classes, learning_rate=settings.learning_rate,
-                    ema_every=settings.ema_every if settings.head is None else settings.head_ema_every,
+                    ema_every=getattr(settings, settings.cadence_field()),
                     ema_max_decay=settings.ema_max_decay, gamma=settings.gamma,
                     min_share=settings.min_share, teacher_fallback=settings.teacher_fallback,
                     mask_weighting=settings.mask_weighting, cosine=cosine,
