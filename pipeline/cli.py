@@ -199,6 +199,12 @@ def propose(features, out, psi, center, stop_fraction, sign_rule, crf, crf_itera
               help="Drop a mask's vote when its majority class covers less than this share (0 = the paper, the default).")
 @click.option("--teacher-fallback/--no-teacher-fallback", default=True,
               help="Label pixels the vote leaves out with θ_M's own class instead of ignoring them (off = the paper).")
+@click.option("--vote-balance", type=allowed("fit", "vote_balance"), default=0.0,
+              help="E-step: divide a class's votes in a mask by its batch share^τ, so a small class can win a mask "
+                   "it over-represents (0 = the paper's plain count).")
+@click.option("--keep-share", type=allowed("fit", "keep_share"), default=1.0,
+              help="E-step: a pixel whose class covers at least this share of its mask keeps it; smaller classes take "
+                   "the mask's vote (1 = the paper's one class per mask).")
 @click.option("--mask-weighting", type=allowed("fit", "mask_weighting"), default=1.0,
               help="M-step pixel weight |mask|^-w: 1 weighs every proposal alike, 0 every pixel alike (the paper).")
 @click.option("--logits", type=click.Choice(["raw", "cosine"]), default="raw",

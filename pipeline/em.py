@@ -178,11 +178,17 @@ def _unit_rows(array: np.ndarray) -> np.ndarray:
     return array / np.maximum(np.linalg.norm(array, axis=1, keepdims=True), np.finfo(np.float32).tiny)
 
 
-def majority_vote(predictions: Tensor, masks: Tensor, num_classes: int, min_share: float = 0.0) -> Tensor:
+def majority_vote(predictions: Tensor, masks: Tensor, num_classes: int, min_share: float = 0.0,
+                  balance: float = 0.0, keep_share: float = 1.0) -> Tensor:
     """E-step: every mask takes the most frequent predicted class among its pixels → B×H×W uint8 pseudo labels.
 
     Ties go to the smallest class id; background (255) stays 255. With min_share > 0 a mask whose
     majority class covers less than that share of its pixels is left unlabelled (255); 0 is the paper.
+    With balance τ > 0 a class's count in a mask is divided by π_k^τ, π_k its share of all the batch's predicted
+    pixels, so a small class wins a mask it covers well above its usual share (τ = 1: the class most
+    over-represented in the mask) instead of losing every mask to a large neighbour; 0 is the paper's count.
+    With keep_share < 1 a pixel whose predicted class covers at least that share of its mask keeps that class (a
+    mask can then hold a few sizeable classes); only the smaller ones take the mask's vote; 1 is the paper.
     """
     if not 1 <= num_classes < IGNORE:
         raise PipelineError(f"majority_vote: num_classes must be in 1..{IGNORE - 1}, got {num_classes}")
@@ -191,27 +197,38 @@ def majority_vote(predictions: Tensor, masks: Tensor, num_classes: int, min_shar
     image = torch.arange(batch, device=predictions.device).view(batch, 1, 1)
     cell = (image * 256 + mask_ids) * num_classes + predictions.long()
     votes = torch.bincount(cell.flatten(), minlength=batch * 256 * num_classes).view(batch, 256, num_classes)
-    top_votes, winner = votes.max(dim=2)
+    if balance > 0:
+        shares = torch.bincount(predictions.flatten().long(), minlength=num_classes).double() / predictions.numel()
+        winner = (votes / shares.clamp_min(1.0 / predictions.numel()).pow(balance)).argmax(dim=2)
+        top_votes = votes.gather(2, winner.unsqueeze(2)).squeeze(2)
+    else:
+        top_votes, winner = votes.max(dim=2)
     if min_share > 0:
         winner = torch.where(top_votes < min_share * votes.sum(dim=2), IGNORE, winner)
     winner[:, IGNORE] = IGNORE
-    return torch.gather(winner, 1, mask_ids.flatten(1)).view_as(masks).to(torch.uint8)
+    pseudo = torch.gather(winner, 1, mask_ids.flatten(1)).view_as(masks)
+    if keep_share < 1:
+        sizeable = votes >= keep_share * votes.sum(dim=2, keepdim=True)
+        sizeable[:, IGNORE] = False
+        pseudo = torch.where(sizeable.flatten()[cell], predictions.long(), pseudo)
+    return pseudo.to(torch.uint8)
 
 
 def e_step(teacher_logits: Tensor, masks: Tensor, num_classes: int, min_share: float = 0.0,
-           teacher_fallback: bool = False) -> Tensor:
+           teacher_fallback: bool = False, balance: float = 0.0, keep_share: float = 1.0) -> Tensor:
     """Pseudo labels from θ_M's B×K×H×W logits at crop size: per-pixel argmax, then the per-mask vote.
 
     teacher_fallback labels the pixels the vote leaves unlabelled (outside every mask, or in a mask whose
     majority is below min_share) with the teacher's own per-pixel class instead of ignoring them.
     """
-    return vote_pseudo_labels(teacher_logits.argmax(dim=1), masks, num_classes, min_share, teacher_fallback)
+    return vote_pseudo_labels(teacher_logits.argmax(dim=1), masks, num_classes, min_share, teacher_fallback, balance,
+                              keep_share)
 
 
 def vote_pseudo_labels(teacher: Tensor, masks: Tensor, num_classes: int, min_share: float = 0.0,
-                       teacher_fallback: bool = False) -> Tensor:
+                       teacher_fallback: bool = False, balance: float = 0.0, keep_share: float = 1.0) -> Tensor:
     """`e_step` from the teacher's B×H×W per-pixel classes instead of its logits."""
-    pseudo = majority_vote(teacher, masks, num_classes, min_share)
+    pseudo = majority_vote(teacher, masks, num_classes, min_share, balance, keep_share)
     if teacher_fallback:
         pseudo = torch.where(pseudo == IGNORE, teacher.to(torch.uint8), pseudo)
     return pseudo
@@ -367,6 +384,8 @@ class EMConfig:
     gamma: float = 2.0
     min_share: float = 0.0
     teacher_fallback: bool = False
+    vote_balance: float = 0.0
+    keep_share: float = 1.0
     mask_weighting: float = 0.0
     cosine: bool = False
     initial_gain: float = 1.0
@@ -417,7 +436,8 @@ class PrimapsEM:
 
         with torch.no_grad():
             pseudo = vote_pseudo_labels(upsampled_argmax(self.momentum(clean), size), masks, self.config.num_classes,
-                                        self.config.min_share, self.config.teacher_fallback)
+                                        self.config.min_share, self.config.teacher_fallback,
+                                        self.config.vote_balance, self.config.keep_share)
 
         pixel_weights = mask_size_weights(masks, self.config.mask_weighting) if self.config.mask_weighting else None
         loss = upsampled_pseudo_label_loss(self.running(student), size, pseudo, self.config.gamma, pixel_weights)

@@ -77,6 +77,8 @@ class FitSettings:
     gamma: float = 2.0
     min_share: float = 0.0
     teacher_fallback: bool = True
+    vote_balance: float = 0.0
+    keep_share: float = 1.0
     mask_weighting: float = 1.0
     logits: str = "raw"
     augmented_student: bool = True
@@ -151,6 +153,7 @@ def em_config(settings: FitSettings) -> EMConfig:
                     ema_every=getattr(settings, settings.cadence_field()),
                     ema_max_decay=settings.ema_max_decay, gamma=settings.gamma,
                     min_share=settings.min_share, teacher_fallback=settings.teacher_fallback,
+                    vote_balance=settings.vote_balance, keep_share=settings.keep_share,
                     mask_weighting=settings.mask_weighting, cosine=cosine,
                     initial_gain=CLUSTER_PROBE_GAIN if cosine and settings.head is not None else 1.0,
                     seed=settings.seed)

@@ -91,10 +91,13 @@ class _Model:
 
     @property
     def e_step_options(self) -> dict[str, Any]:
-        """The E-step settings the model was fitted with (a Baseline has none: the paper's plain vote)."""
+        """The E-step settings the model was fitted with (a Baseline has none: the paper's plain vote). The vote
+        balance takes the class shares of the one inspected image, where the fit took a batch's."""
         recipe = self.checkpoint["recipe"]
         return {"min_share": float(recipe.get("min_share", 0.0)),
-                "teacher_fallback": bool(recipe.get("teacher_fallback", False))}
+                "teacher_fallback": bool(recipe.get("teacher_fallback", False)),
+                "balance": float(recipe.get("vote_balance", 0.0)),
+                "keep_share": float(recipe.get("keep_share", 1.0))}
 
 
 def run_inspect(settings: InspectSettings, progress: bool = True) -> InspectSummary:

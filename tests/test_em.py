@@ -430,14 +430,18 @@ def test_labelled_fraction_is_the_share_of_mask_pixels():
     assert result["labelled_fraction"] == pytest.approx((masks != 255).float().mean().item())
 
 
-def test_class_pixels_count_the_e_step_pseudo_labels_per_class():
+@pytest.mark.parametrize("balance", [0.0, 1.0])
+def test_class_pixels_count_the_e_step_pseudo_labels_per_class(balance):
     clean, student, masks = random_batch(5)
-    model = PrimapsEM(PlantedScenes(seed=5).confused_init(), EMConfig(num_classes=K))
+    model = PrimapsEM(PlantedScenes(seed=5).confused_init(), EMConfig(num_classes=K, vote_balance=balance))
     with torch.no_grad():
-        pseudo = em.e_step(upsample_logits(model.momentum(clean), tuple(masks.shape[-2:])), masks, K)
+        logits = upsample_logits(model.momentum(clean), tuple(masks.shape[-2:]))
+        pseudo = em.e_step(logits, masks, K, balance=balance)
+        plain = em.e_step(logits, masks, K)
     counts = model.step(clean, student, masks)["class_pixels"]
     assert counts == [int((pseudo == k).sum()) for k in range(K)]
     assert sum(counts) == int((masks != 255).sum()) and sum(count > 0 for count in counts) >= 2
+    assert torch.equal(pseudo, plain) == (balance == 0.0)
 
 
 def test_em_on_planted_clusters_reaches_95_percent_from_a_poor_init():
@@ -481,6 +485,53 @@ def test_predict_returns_class_ids_at_crop_size():
     prediction = model.predict(torch.randn(2, 5, 6, C), (20, 24))
     assert prediction.shape == (2, 20, 24) and prediction.dtype == torch.int64
     assert 0 <= prediction.min() and prediction.max() < K
+
+
+def test_vote_balance_lets_a_small_class_win_the_mask_it_over_represents():
+    # One 10×10 image; a 10-pixel mask (row 0) holds 3 pixels of class 1 and 7 of class 0; the other 90 pixels
+    # (outside every mask) are class 0, so the batch shares are π = (0.97, 0.03).
+    predictions = torch.zeros(1, 10, 10, dtype=torch.long)
+    predictions[0, 0, :3] = 1
+    masks = torch.full((1, 10, 10), 255, dtype=torch.uint8)
+    masks[0, 0] = 0
+    row = lambda balance: majority_vote(predictions, masks, num_classes=2, balance=balance)[0, 0].unique().tolist()
+    assert row(0.0) == [0]  # the paper's count: 7 against 3
+    assert row(0.2) == [0]  # 7 / 0.97^0.2 = 7.04 against 3 / 0.03^0.2 = 6.05
+    assert row(0.5) == [1]  # 7 / 0.97^0.5 = 7.11 against 3 / 0.03^0.5 = 17.3
+    # min_share judges the winner's own share of the mask: class 1 covers 3/10 of it.
+    assert majority_vote(predictions, masks, 2, min_share=0.4, balance=0.5)[0, 0].unique().tolist() == [255]
+    assert majority_vote(predictions, masks, 2, min_share=0.25, balance=0.5)[0, 0].unique().tolist() == [1]
+
+
+def test_keep_share_leaves_a_sizeable_minority_its_own_pixels():
+    # A 10-pixel mask (row 0) of 6 pixels of class 0, 3 of class 1 and 1 of class 2; row 1 lies outside every mask.
+    predictions = torch.tensor([[[1, 1, 1, 2, 0, 0, 0, 0, 0, 0], [1, 1, 0, 0, 0, 0, 0, 0, 0, 0]]])
+    masks = torch.tensor([[[0] * 10, [255] * 10]], dtype=torch.uint8)
+    vote = lambda **options: majority_vote(predictions, masks, num_classes=3, **options)[0].tolist()
+    assert vote() == [[0] * 10, [255] * 10]
+    assert vote(keep_share=0.5) == vote()  # only the majority can cover half of a mask
+    assert vote(keep_share=0.3) == [[1, 1, 1, 0, 0, 0, 0, 0, 0, 0], [255] * 10]  # class 1: 3/10
+    assert vote(keep_share=0.1) == [predictions[0, 0].tolist(), [255] * 10]  # class 2: 1/10
+
+
+def test_balanced_vote_with_kept_shares_equals_per_mask_scoring():
+    generator = torch.Generator().manual_seed(5)
+    predictions = torch.randint(0, 5, (3, 12, 10), generator=generator)
+    predictions[predictions == 4] = 0  # class 0 is common, class 4 absent from the batch
+    masks = torch.randint(0, 7, (3, 12, 10), generator=generator, dtype=torch.uint8)
+    masks[masks == 6] = 255
+    shares = Counter(predictions.flatten().tolist())
+    pseudo = majority_vote(predictions, masks, num_classes=5, balance=0.7, keep_share=0.3)
+    for image in range(3):
+        for mask_id in masks[image].unique().tolist():
+            where = masks[image] == mask_id
+            votes = Counter(predictions[image][where].tolist())
+            scores = {c: n / (shares[c] / predictions.numel()) ** 0.7 for c, n in votes.items()}
+            top = max(scores.values())
+            winner = 255 if mask_id == 255 else min(c for c, v in scores.items() if v == top)
+            for pixel, label in zip(predictions[image][where].tolist(), pseudo[image][where].tolist()):
+                kept = mask_id != 255 and votes[pixel] >= 0.3 * where.sum().item()
+                assert label == (pixel if kept else winner)
 
 
 def test_init_with_wrong_number_of_prototypes_is_refused():
