@@ -199,9 +199,11 @@ def propose(features, out, psi, center, stop_fraction, sign_rule, crf, crf_itera
               help="Drop a mask's vote when its majority class covers less than this share (0 = the paper, the default).")
 @click.option("--teacher-fallback/--no-teacher-fallback", default=True,
               help="Label pixels the vote leaves out with θ_M's own class instead of ignoring them (off = the paper).")
-@click.option("--vote-balance", type=allowed("fit", "vote_balance"), default=0.0,
+@click.option("--vote-balance", type=allowed("fit", "vote_balance"), default=0.5,
               help="E-step: divide a class's votes in a mask by its batch share^τ, so a small class can win a mask "
-                   "it over-represents (0 = the paper's plain count).")
+                   "it over-represents (0 = the paper's plain count; 0.5 chosen by the training-fold protocol).")
+@click.option("--head-vote-balance", type=allowed("fit", "head_vote_balance"), default=0.0,
+              help="--vote-balance for a fit on a head's code (0: not measured there).")
 @click.option("--keep-share", type=allowed("fit", "keep_share"), default=1.0,
               help="E-step: a pixel whose class covers at least this share of its mask keeps it; smaller classes take "
                    "the mask's vote (1 = the paper's one class per mask).")

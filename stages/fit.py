@@ -45,6 +45,10 @@ CLUSTER_PROBE_GAIN = 2.0
 LOGITS_CHOICES = ("raw", "cosine")
 """`fit --logits`: prototype scores on raw features (the paper) or on L2-normalised ones."""
 
+HEAD_TWINS = {"ema_every": "head_ema_every", "vote_balance": "head_vote_balance"}
+"""Settings whose value on a head's code comes from a twin field: the code is another feature space, so the
+training-fold protocol chose them there separately (or has not measured them there yet)."""
+
 
 @dataclass(frozen=True)
 class FitSettings:
@@ -52,12 +56,14 @@ class FitSettings:
 
     The defaults are the recipe the training-fold protocol picked on CamVid and MSRC-21 together (README,
     "Choosing the recipe without val"): every mask weighs the same in the M-step loss, lr 2e-3, the paper's
-    plain majority vote, the teacher's own class where no mask lies, 40 epochs, θ_M updated after every step
+    majority vote with every class's votes divided by the square root of its batch share (`vote_balance` 0.5; the
+    paper's plain count is 0), the teacher's own class where no mask lies, 40 epochs, θ_M updated after every step
     (a run here is a few hundred steps, so the paper's update every 10th left θ_M the plain average of its 24–52
     snapshots of θ_R, its warm-up, where the paper's runs spend nine tenths of their updates at decay 0.98). On a
     head's code θ_M follows every `head_ema_every` = 10th step instead: against the head's cluster probe the same
-    protocol on STEGO's code measured −6.8 Acc / −2.4 mIoU with updates after every step, −0.8 / +0.1 with every 10th.
-    The paper's recipe is learning_rate=5e-3, ema_every=10, teacher_fallback=False, mask_weighting=0.
+    protocol on STEGO's code measured −6.8 Acc / −2.4 mIoU with updates after every step, −0.8 / +0.1 with every 10th;
+    and the vote stays the plain count there (`head_vote_balance` 0: the balance is not measured on a head's code).
+    The paper's recipe is learning_rate=5e-3, ema_every=10, vote_balance=0, teacher_fallback=False, mask_weighting=0.
     """
 
     features: Path
@@ -77,7 +83,8 @@ class FitSettings:
     gamma: float = 2.0
     min_share: float = 0.0
     teacher_fallback: bool = True
-    vote_balance: float = 0.0
+    vote_balance: float = 0.5
+    head_vote_balance: float = 0.0
     keep_share: float = 1.0
     mask_weighting: float = 1.0
     logits: str = "raw"
@@ -95,18 +102,17 @@ class FitSettings:
 
     def recipe(self, holdout: list[str] | None = None) -> dict[str, Any]:
         """The settings that change the result (paths, device and overwrite do not; the held-out images do, and of
-        the two θ_M cadences only the one this fit uses: a token fit ignores head_ema_every, a head fit ema_every)."""
+        each HEAD_TWINS pair only the one this fit uses: a token fit ignores head_ema_every, a head fit ema_every)."""
         recipe = asdict(self)
-        unused_cadence = "ema_every" if self.cadence_field() == "head_ema_every" else "head_ema_every"
-        for key in ("features", "masks", "out", "baseline_out", "history_out", "head", "device", "overwrite",
-                    unused_cadence):
+        unused = [twin if self.head is None else name for name, twin in HEAD_TWINS.items()]
+        for key in ("features", "masks", "out", "baseline_out", "history_out", "head", "device", "overwrite", *unused):
             recipe.pop(key)
         recipe["holdout"] = list_fingerprint(holdout)
         return recipe
 
-    def cadence_field(self) -> str:
-        """The field that sets θ_M's EMA cadence for this fit: head_ema_every on a head's code, else ema_every."""
-        return "ema_every" if self.head is None else "head_ema_every"
+    def used(self, name: str) -> Any:
+        """The value of setting `name` for this fit: its HEAD_TWINS twin's on a head's code, else its own."""
+        return getattr(self, HEAD_TWINS[name] if self.head is not None else name)
 
     def init_recipe(self, holdout: list[str] | None = None) -> dict[str, Any]:
         recipe = {key: getattr(self, key) for key in ("classes", "init_samples", "kmeans_iterations", "seed")}
@@ -145,15 +151,16 @@ def _write_history(settings: FitSettings, history: list[dict[str, Any]]) -> None
 
 
 def em_config(settings: FitSettings) -> EMConfig:
-    """The EM hyper-parameters of a fit; on a head's code θ_M follows every head_ema_every-th step. With cosine
+    """The EM hyper-parameters of a fit; on a head's code θ_M follows every head_ema_every-th step and the vote is
+    balanced by head_vote_balance. With cosine
     logits every gain starts where the initial model's scoring has it (a head's cluster probe: 2; the Baseline:
     1), so the first E-step labels and the first loss are the initial model's own."""
     cosine = settings.logits == "cosine"
     return EMConfig(num_classes=settings.classes, learning_rate=settings.learning_rate,
-                    ema_every=getattr(settings, settings.cadence_field()),
+                    ema_every=settings.used("ema_every"),
                     ema_max_decay=settings.ema_max_decay, gamma=settings.gamma,
                     min_share=settings.min_share, teacher_fallback=settings.teacher_fallback,
-                    vote_balance=settings.vote_balance, keep_share=settings.keep_share,
+                    vote_balance=settings.used("vote_balance"), keep_share=settings.keep_share,
                     mask_weighting=settings.mask_weighting, cosine=cosine,
                     initial_gain=CLUSTER_PROBE_GAIN if cosine and settings.head is not None else 1.0,
                     seed=settings.seed)

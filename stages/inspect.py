@@ -96,7 +96,7 @@ class _Model:
         recipe = self.checkpoint["recipe"]
         return {"min_share": float(recipe.get("min_share", 0.0)),
                 "teacher_fallback": bool(recipe.get("teacher_fallback", False)),
-                "balance": float(recipe.get("vote_balance", 0.0)),
+                "balance": float(recipe.get("vote_balance", recipe.get("head_vote_balance", 0.0))),
                 "keep_share": float(recipe.get("keep_share", 1.0))}
 
 

@@ -355,6 +355,8 @@ def test_stego_plus_primaps_em_end_to_end_from_the_cache(camvid_features, camvid
         "θ_M follows every 10th step on a head's code, every step on tokens (the training-fold protocol's choices)"
     assert em["recipe"]["head_ema_every"] == 10 and "ema_every" not in em["recipe"], \
         "a head fit records the cadence it uses, not the tokens' one"
+    assert em_config(fit).vote_balance == 0.0 and em_config(replace(fit, head=None)).vote_balance == 0.5
+    assert em["recipe"]["head_vote_balance"] == 0.0 and "vote_balance" not in em["recipe"]
     summary = run_evaluate(EvaluateSettings(model=fit.out, features=camvid_features, out=tmp_path / "eval",
                                             extra_models=(("stego", fit.baseline_out),)), progress=False)
     assert list(summary)[1:3] == ["primaps_em", "stego"]
