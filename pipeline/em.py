@@ -178,7 +178,7 @@ def _unit_rows(array: np.ndarray) -> np.ndarray:
     return array / np.maximum(np.linalg.norm(array, axis=1, keepdims=True), np.finfo(np.float32).tiny)
 
 
-def majority_vote(predictions: Tensor, masks: Tensor, num_classes: int, min_share: float = 0.0,
+def majority_vote(predictions: Tensor, masks: Tensor, num_classes: int, *, min_share: float = 0.0,
                   balance: float = 0.0, keep_share: float = 1.0) -> Tensor:
     """E-step: every mask takes the most frequent predicted class among its pixels → B×H×W uint8 pseudo labels.
 
@@ -214,21 +214,21 @@ def majority_vote(predictions: Tensor, masks: Tensor, num_classes: int, min_shar
     return pseudo.to(torch.uint8)
 
 
-def e_step(teacher_logits: Tensor, masks: Tensor, num_classes: int, min_share: float = 0.0,
+def e_step(teacher_logits: Tensor, masks: Tensor, num_classes: int, *, min_share: float = 0.0,
            teacher_fallback: bool = False, balance: float = 0.0, keep_share: float = 1.0) -> Tensor:
     """Pseudo labels from θ_M's B×K×H×W logits at crop size: per-pixel argmax, then the per-mask vote.
 
     teacher_fallback labels the pixels the vote leaves unlabelled (outside every mask, or in a mask whose
     majority is below min_share) with the teacher's own per-pixel class instead of ignoring them.
     """
-    return vote_pseudo_labels(teacher_logits.argmax(dim=1), masks, num_classes, min_share, teacher_fallback, balance,
-                              keep_share)
+    return vote_pseudo_labels(teacher_logits.argmax(dim=1), masks, num_classes, min_share=min_share,
+                              teacher_fallback=teacher_fallback, balance=balance, keep_share=keep_share)
 
 
-def vote_pseudo_labels(teacher: Tensor, masks: Tensor, num_classes: int, min_share: float = 0.0,
+def vote_pseudo_labels(teacher: Tensor, masks: Tensor, num_classes: int, *, min_share: float = 0.0,
                        teacher_fallback: bool = False, balance: float = 0.0, keep_share: float = 1.0) -> Tensor:
     """`e_step` from the teacher's B×H×W per-pixel classes instead of its logits."""
-    pseudo = majority_vote(teacher, masks, num_classes, min_share, balance, keep_share)
+    pseudo = majority_vote(teacher, masks, num_classes, min_share=min_share, balance=balance, keep_share=keep_share)
     if teacher_fallback:
         pseudo = torch.where(pseudo == IGNORE, teacher.to(torch.uint8), pseudo)
     return pseudo
@@ -436,8 +436,8 @@ class PrimapsEM:
 
         with torch.no_grad():
             pseudo = vote_pseudo_labels(upsampled_argmax(self.momentum(clean), size), masks, self.config.num_classes,
-                                        self.config.min_share, self.config.teacher_fallback,
-                                        self.config.vote_balance, self.config.keep_share)
+                                        min_share=self.config.min_share, teacher_fallback=self.config.teacher_fallback,
+                                        balance=self.config.vote_balance, keep_share=self.config.keep_share)
 
         pixel_weights = mask_size_weights(masks, self.config.mask_weighting) if self.config.mask_weighting else None
         loss = upsampled_pseudo_label_loss(self.running(student), size, pseudo, self.config.gamma, pixel_weights)
