@@ -203,7 +203,7 @@ def propose(features, out, psi, center, stop_fraction, sign_rule, crf, crf_itera
               help="E-step: divide a class's votes in a mask by its batch share^τ, so a small class can win a mask "
                    "it over-represents (0 = the paper's plain count; 0.5 chosen by the training-fold protocol).")
 @click.option("--head-vote-balance", type=allowed("fit", "head_vote_balance"), default=0.0,
-              help="--vote-balance for a fit on a head's code (0: not measured there).")
+              help="--vote-balance for a fit on a head's code (0: τ 0.5 lost on CamVid's training folds).")
 @click.option("--keep-share", type=allowed("fit", "keep_share"), default=1.0,
               help="E-step: a pixel whose class covers at least this share of its mask keeps it; smaller classes take "
                    "the mask's vote (1 = the paper's one class per mask).")
