@@ -45,7 +45,7 @@ CLUSTER_PROBE_GAIN = 2.0
 LOGITS_CHOICES = ("raw", "cosine")
 """`fit --logits`: prototype scores on raw features (the paper) or on L2-normalised ones."""
 
-HEAD_TWINS = {"ema_every": "head_ema_every", "vote_balance": "head_vote_balance"}
+HEAD_TWINS = {"ema_every": "head_ema_every", "vote_balance": "head_vote_balance", "keep_share": "head_keep_share"}
 """Settings whose value on a head's code comes from a twin field: the code is another feature space, so the
 training-fold protocol chose them there separately (or has not measured them there yet)."""
 
@@ -54,16 +54,18 @@ training-fold protocol chose them there separately (or has not measured them the
 class FitSettings:
     """Everything `fit` needs; mirrors the CLI options and the `fit` section of params.yaml.
 
-    The defaults are the recipe the training-fold protocol picked on CamVid and MSRC-21 together (README,
-    "Choosing the recipe without val"): every mask weighs the same in the M-step loss, lr 2e-3, the paper's
-    majority vote with every class's votes divided by the square root of its batch share (`vote_balance` 0.5; the
-    paper's plain count is 0), the teacher's own class where no mask lies, 40 epochs, θ_M updated after every step
-    (a run here is a few hundred steps, so the paper's update every 10th left θ_M the plain average of its 24–52
-    snapshots of θ_R, its warm-up, where the paper's runs spend nine tenths of their updates at decay 0.98). On a
-    head's code θ_M follows every `head_ema_every` = 10th step instead: against the head's cluster probe the same
-    protocol on STEGO's code measured −6.8 Acc / −2.4 mIoU with updates after every step, −0.8 / +0.1 with every 10th;
-    and the vote stays the plain count there (`head_vote_balance` 0: τ 0.5 measured −2.1 / −0.4 on the same folds).
-    The paper's recipe is learning_rate=5e-3, ema_every=10, vote_balance=0, teacher_fallback=False, mask_weighting=0.
+    The defaults are the recipe the training-fold protocol picked on CamVid and MSRC-21 together (README, "Choosing
+    the recipe without val"): every mask weighs the same in the M-step loss, lr 2e-3, the paper's majority vote with
+    every class's votes divided by the square root of its batch share (`vote_balance` 0.5; the paper's plain count
+    is 0), every class covering 30% of a mask keeping its own pixels there (`keep_share` 0.3; the paper's one class
+    per mask is 1), the teacher's own class where no mask lies, 40 epochs, θ_M updated after every step (a run here
+    is a few hundred steps, so the paper's update every 10th left θ_M the plain average of its 24–52 snapshots of
+    θ_R, its warm-up, where the paper's runs spend nine tenths of their updates at decay 0.98). On a head's code θ_M
+    follows every `head_ema_every` = 10th step instead: against the head's cluster probe the same protocol on
+    STEGO's code measured −6.8 Acc / −2.4 mIoU with updates after every step, −0.8 / +0.1 with every 10th; and the
+    vote stays the plain count there (`head_vote_balance` 0: τ 0.5 measured −2.1 / −0.4 on the same folds), one
+    class per mask (`head_keep_share` 1, not measured there). The paper's recipe is learning_rate=5e-3,
+    ema_every=10, vote_balance=0, keep_share=1, teacher_fallback=False, mask_weighting=0.
     """
 
     features: Path
@@ -85,7 +87,8 @@ class FitSettings:
     teacher_fallback: bool = True
     vote_balance: float = 0.5
     head_vote_balance: float = 0.0
-    keep_share: float = 1.0
+    keep_share: float = 0.3
+    head_keep_share: float = 1.0
     mask_weighting: float = 1.0
     logits: str = "raw"
     augmented_student: bool = True
@@ -151,16 +154,16 @@ def _write_history(settings: FitSettings, history: list[dict[str, Any]]) -> None
 
 
 def em_config(settings: FitSettings) -> EMConfig:
-    """The EM hyper-parameters of a fit; on a head's code θ_M follows every head_ema_every-th step and the vote is
-    balanced by head_vote_balance. With cosine logits every gain starts where the initial model's scoring has it (a
-    head's cluster probe: 2; the Baseline: 1), so the first E-step labels and the first loss are the initial model's
-    own."""
+    """The EM hyper-parameters of a fit; on a head's code θ_M follows every head_ema_every-th step and the vote takes
+    head_vote_balance and head_keep_share. With cosine logits every gain starts where the initial model's scoring has
+    it (a head's cluster probe: 2; the Baseline: 1), so the first E-step labels and the first loss are the initial
+    model's own."""
     cosine = settings.logits == "cosine"
     return EMConfig(num_classes=settings.classes, learning_rate=settings.learning_rate,
                     ema_every=settings.used("ema_every"),
                     ema_max_decay=settings.ema_max_decay, gamma=settings.gamma,
                     min_share=settings.min_share, teacher_fallback=settings.teacher_fallback,
-                    vote_balance=settings.used("vote_balance"), keep_share=settings.keep_share,
+                    vote_balance=settings.used("vote_balance"), keep_share=settings.used("keep_share"),
                     mask_weighting=settings.mask_weighting, cosine=cosine,
                     initial_gain=CLUSTER_PROBE_GAIN if cosine and settings.head is not None else 1.0,
                     seed=settings.seed)

@@ -357,6 +357,8 @@ def test_stego_plus_primaps_em_end_to_end_from_the_cache(camvid_features, camvid
         "a head fit records the cadence it uses, not the tokens' one"
     assert em_config(fit).vote_balance == 0.0 and em_config(replace(fit, head=None)).vote_balance == 0.5
     assert em["recipe"]["head_vote_balance"] == 0.0 and "vote_balance" not in em["recipe"]
+    assert em_config(fit).keep_share == 1.0 and em_config(replace(fit, head=None)).keep_share == 0.3
+    assert em["recipe"]["head_keep_share"] == 1.0 and "keep_share" not in em["recipe"]
     summary = run_evaluate(EvaluateSettings(model=fit.out, features=camvid_features, out=tmp_path / "eval",
                                             extra_models=(("stego", fit.baseline_out),)), progress=False)
     assert list(summary)[1:3] == ["primaps_em", "stego"]
