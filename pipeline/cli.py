@@ -193,7 +193,10 @@ def propose(features, out, psi, center, stop_fraction, sign_rule, crf, crf_itera
               help="Steps between EMA updates of θ_M (the paper: 10; 1 chosen by the training-fold protocol, README).")
 @click.option("--head-ema-every", type=allowed("fit", "head_ema_every", integer=True), default=10,
               help="--ema-every for a fit on a head's code (10: chosen by the same protocol on STEGO's code).")
-@click.option("--ema-max-decay", type=allowed("fit", "ema_max_decay"), default=0.98)
+@click.option("--ema-max-decay", type=allowed("fit", "ema_max_decay"), default=0.9,
+              help="Cap of θ_M's EMA decay (the paper: 0.98; 0.9 chosen by the training-fold protocol, README).")
+@click.option("--head-ema-max-decay", type=allowed("fit", "head_ema_max_decay"), default=0.98,
+              help="--ema-max-decay for a fit on a head's code (0.98, the paper's: not measured there).")
 @click.option("--gamma", type=allowed("fit", "gamma"), default=2.0, help="Focal exponent of the class weights.")
 @click.option("--min-share", type=allowed("fit", "min_share"), default=0.0,
               help="Drop a mask's vote when its majority class covers less than this share (0 = the paper, the default).")

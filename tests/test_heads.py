@@ -355,6 +355,8 @@ def test_stego_plus_primaps_em_end_to_end_from_the_cache(camvid_features, camvid
         "θ_M follows every 10th step on a head's code, every step on tokens (the training-fold protocol's choices)"
     assert em["recipe"]["head_ema_every"] == 10 and "ema_every" not in em["recipe"], \
         "a head fit records the cadence it uses, not the tokens' one"
+    assert em_config(fit).ema_max_decay == 0.98 and em_config(replace(fit, head=None)).ema_max_decay == 0.9
+    assert em["recipe"]["head_ema_max_decay"] == 0.98 and "ema_max_decay" not in em["recipe"]
     assert em_config(fit).vote_balance == 0.0 and em_config(replace(fit, head=None)).vote_balance == 0.5
     assert em["recipe"]["head_vote_balance"] == 0.0 and "vote_balance" not in em["recipe"]
     assert em_config(fit).keep_share == 1.0 and em_config(replace(fit, head=None)).keep_share == 0.3
