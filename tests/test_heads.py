@@ -111,6 +111,10 @@ def random_head_tensors(feature_dim: int, code_dim: int, clusters: int, seed: in
     return {key: torch.randn(shape, generator=generator) for key, shape in shapes.items()}
 
 
+_FAKED_PACKAGES = ("omegaconf", "pytorch_lightning")
+"""Packages whose classes a released STEGO checkpoint pickles; faked while one is written, then restored."""
+
+
 def _fake_class(module: str, name: str) -> type:
     """A class importable as `module.name` while a checkpoint is written (what OmegaConf / Lightning pickle)."""
     parts = module.split(".")
@@ -131,22 +135,26 @@ def write_stego_checkpoint(path: Path, tensors: dict[str, torch.Tensor], payload
     state["train_cluster_probe.clusters"] = torch.randn(27, tensors["clusters"].shape[1])
     state["linear_probe.weight"] = torch.randn(27, tensors["clusters"].shape[1], 1, 1)
     state["linear_probe.bias"] = torch.zeros(27)
-    dict_config = _fake_class("omegaconf.dictconfig", "DictConfig")
-    any_node = _fake_class("omegaconf.nodes", "AnyNode")
-    callback = _fake_class("pytorch_lightning.callbacks.model_checkpoint", "ModelCheckpoint")
-    cfg = dict_config()
-    cfg.__dict__.update(_content={"model_type": any_node(), "dino_patch_size": any_node()}, _parent=None)
-    checkpoint = {"epoch": 3, "global_step": 5000, "pytorch-lightning_version": "1.5.10", "state_dict": state,
-                  "callbacks": {callback: {"monitor": "test/cluster/mIoU", "best_model_score": torch.tensor(0.2)}},
-                  "optimizer_states": [{"state": {}, "param_groups": [{"lr": 5e-4}]}], "lr_schedulers": [],
-                  "hparams_name": "kwargs", "hyper_parameters": {"n_classes": 27, "cfg": cfg}}
-    if payload is not None:
-        checkpoint["extra"] = payload
+    real = {name: module for name, module in sys.modules.items() if name.split(".")[0] in _FAKED_PACKAGES}
+    for name in real:
+        del sys.modules[name]  # the fakes must not patch the real omegaconf that DVC's tests import
     try:
+        dict_config = _fake_class("omegaconf.dictconfig", "DictConfig")
+        any_node = _fake_class("omegaconf.nodes", "AnyNode")
+        callback = _fake_class("pytorch_lightning.callbacks.model_checkpoint", "ModelCheckpoint")
+        cfg = dict_config()
+        cfg.__dict__.update(_content={"model_type": any_node(), "dino_patch_size": any_node()}, _parent=None)
+        checkpoint = {"epoch": 3, "global_step": 5000, "pytorch-lightning_version": "1.5.10", "state_dict": state,
+                      "callbacks": {callback: {"monitor": "test/cluster/mIoU", "best_model_score": torch.tensor(0.2)}},
+                      "optimizer_states": [{"state": {}, "param_groups": [{"lr": 5e-4}]}], "lr_schedulers": [],
+                      "hparams_name": "kwargs", "hyper_parameters": {"n_classes": 27, "cfg": cfg}}
+        if payload is not None:
+            checkpoint["extra"] = payload
         torch.save(checkpoint, path)
     finally:
-        for name in [name for name in sys.modules if name.split(".")[0] in ("omegaconf", "pytorch_lightning")]:
+        for name in [name for name in sys.modules if name.split(".")[0] in _FAKED_PACKAGES]:
             del sys.modules[name]
+        sys.modules.update(real)
 
 
 def write_hp_checkpoint(path: Path, tensors: dict[str, torch.Tensor]) -> None:
