@@ -196,7 +196,7 @@ def propose(features, out, psi, center, stop_fraction, sign_rule, crf, crf_itera
 @click.option("--ema-max-decay", type=allowed("fit", "ema_max_decay"), default=0.9,
               help="Cap of θ_M's EMA decay (the paper: 0.98; 0.9 chosen by the training-fold protocol, README).")
 @click.option("--head-ema-max-decay", type=allowed("fit", "head_ema_max_decay"), default=0.98,
-              help="--ema-max-decay for a fit on a head's code (0.98, the paper's: not measured there).")
+              help="--ema-max-decay for a fit on a head's code (0.98, the paper's: 0.9 lost on STEGO's code, README).")
 @click.option("--gamma", type=allowed("fit", "gamma"), default=2.0, help="Focal exponent of the class weights.")
 @click.option("--min-share", type=allowed("fit", "min_share"), default=0.0,
               help="Drop a mask's vote when its majority class covers less than this share (0 = the paper, the default).")
