@@ -9,6 +9,7 @@ import sys
 import types
 from dataclasses import replace
 from pathlib import Path
+from unittest.mock import patch
 
 import numpy as np
 import pytest
@@ -111,10 +112,6 @@ def random_head_tensors(feature_dim: int, code_dim: int, clusters: int, seed: in
     return {key: torch.randn(shape, generator=generator) for key, shape in shapes.items()}
 
 
-_FAKED_PACKAGES = ("omegaconf", "pytorch_lightning")
-"""Packages whose classes a released STEGO checkpoint pickles; faked while one is written, then restored."""
-
-
 def _fake_class(module: str, name: str) -> type:
     """A class importable as `module.name` while a checkpoint is written (what OmegaConf / Lightning pickle)."""
     parts = module.split(".")
@@ -135,10 +132,9 @@ def write_stego_checkpoint(path: Path, tensors: dict[str, torch.Tensor], payload
     state["train_cluster_probe.clusters"] = torch.randn(27, tensors["clusters"].shape[1])
     state["linear_probe.weight"] = torch.randn(27, tensors["clusters"].shape[1], 1, 1)
     state["linear_probe.bias"] = torch.zeros(27)
-    real = {name: module for name, module in sys.modules.items() if name.split(".")[0] in _FAKED_PACKAGES}
-    for name in real:
-        del sys.modules[name]  # the fakes must not patch the real omegaconf that DVC's tests import
-    try:
+    with patch.dict(sys.modules):  # restores the real omegaconf that DVC's tests import, and drops the fakes
+        for name in [name for name in sys.modules if name.split(".")[0] in ("omegaconf", "pytorch_lightning")]:
+            del sys.modules[name]
         dict_config = _fake_class("omegaconf.dictconfig", "DictConfig")
         any_node = _fake_class("omegaconf.nodes", "AnyNode")
         callback = _fake_class("pytorch_lightning.callbacks.model_checkpoint", "ModelCheckpoint")
@@ -151,10 +147,6 @@ def write_stego_checkpoint(path: Path, tensors: dict[str, torch.Tensor], payload
         if payload is not None:
             checkpoint["extra"] = payload
         torch.save(checkpoint, path)
-    finally:
-        for name in [name for name in sys.modules if name.split(".")[0] in _FAKED_PACKAGES]:
-            del sys.modules[name]
-        sys.modules.update(real)
 
 
 def write_hp_checkpoint(path: Path, tensors: dict[str, torch.Tensor]) -> None:
