@@ -54,7 +54,7 @@ RANGES: dict[str, dict[str, Range]] = {
             "ema_every": _COUNT, "head_ema_every": _COUNT, "ema_max_decay": _SHARE, "head_ema_max_decay": _SHARE,
             "gamma": Range(0), "min_share": _SHARE, "vote_balance": _SHARE, "head_vote_balance": _SHARE,
             "keep_share": Range(0, 1, low_open=True), "head_keep_share": Range(0, 1, low_open=True),
-            "mask_weighting": Range(0, MAX_MASK_WEIGHTING),
+            "mask_weighting": Range(0, MAX_MASK_WEIGHTING), "head_mask_weighting": Range(0, MAX_MASK_WEIGHTING),
             "init_samples": _COUNT, "kmeans_iterations": _COUNT, "seed": _SEED},
     "head": {"clusters": Range(2), "code_dim": _COUNT, "epochs": _COUNT, "batch_size": Range(2),
              "learning_rate": Range(0, low_open=True), "probe_learning_rate": Range(0, low_open=True),

@@ -46,7 +46,8 @@ LOGITS_CHOICES = ("raw", "cosine")
 """`fit --logits`: prototype scores on raw features (the paper) or on L2-normalised ones."""
 
 HEAD_TWINS = {"ema_every": "head_ema_every", "ema_max_decay": "head_ema_max_decay",
-              "vote_balance": "head_vote_balance", "keep_share": "head_keep_share"}
+              "vote_balance": "head_vote_balance", "keep_share": "head_keep_share",
+              "mask_weighting": "head_mask_weighting"}
 """Settings whose value on a head's code comes from a twin field: the code is another feature space, so the
 training-fold protocol chose them there separately."""
 
@@ -95,6 +96,7 @@ class FitSettings:
     keep_share: float = 0.3
     head_keep_share: float = 1.0
     mask_weighting: float = 1.0
+    head_mask_weighting: float = 1.0
     logits: str = "raw"
     augmented_student: bool = True
     init_samples: int = 200_000
@@ -160,7 +162,7 @@ def _write_history(settings: FitSettings, history: list[dict[str, Any]]) -> None
 
 def em_config(settings: FitSettings) -> EMConfig:
     """The EM hyper-parameters of a fit; on a head's code θ_M follows every head_ema_every-th step up to decay
-    head_ema_max_decay and the vote takes head_vote_balance and head_keep_share. With cosine logits every gain
+    head_ema_max_decay, the vote takes head_vote_balance and head_keep_share and the loss head_mask_weighting. With cosine logits every gain
     starts where the initial model's scoring has it (a head's cluster probe: 2; the Baseline: 1), so the first
     E-step labels and the first loss are the initial model's own."""
     cosine = settings.logits == "cosine"
@@ -169,7 +171,7 @@ def em_config(settings: FitSettings) -> EMConfig:
                     ema_max_decay=settings.used("ema_max_decay"), gamma=settings.gamma,
                     min_share=settings.min_share, teacher_fallback=settings.teacher_fallback,
                     vote_balance=settings.used("vote_balance"), keep_share=settings.used("keep_share"),
-                    mask_weighting=settings.mask_weighting, cosine=cosine,
+                    mask_weighting=settings.used("mask_weighting"), cosine=cosine,
                     initial_gain=CLUSTER_PROBE_GAIN if cosine and settings.head is not None else 1.0,
                     seed=settings.seed)
 
