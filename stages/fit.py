@@ -56,20 +56,12 @@ training-fold protocol chose them there separately."""
 class FitSettings:
     """Everything `fit` needs; mirrors the CLI options and the `fit` section of params.yaml.
 
-    The defaults are the recipe the training-fold protocol picked on CamVid and MSRC-21 together (README, "Choosing
-    the recipe without val"): every mask weighs the same in the M-step loss, lr 2e-3, the paper's majority vote with
-    every class's votes divided by the square root of its batch share (`vote_balance` 0.5; the paper's plain count
-    is 0), every class covering 30% of a mask keeping its own pixels there (`keep_share` 0.3; the paper's one class
-    per mask is 1), the teacher's own class where no mask lies, 40 epochs, θ_M updated after every step (a run here
-    is a few hundred steps, so the paper's update every 10th left θ_M the plain average of its 24–52 snapshots of
-    θ_R, its warm-up, where the paper's runs spend nine tenths of their updates at decay 0.98), and its decay capped
-    at 0.9 (`ema_max_decay`; the paper: 0.98), so θ_M averages the last ≈ 10 steps of θ_R rather than the last ≈ 50
-    and the E-step's teacher keeps up with a fit of a few hundred steps. On a head's code θ_M follows every
-    `head_ema_every` = 10th step instead: against the head's cluster probe the same protocol on STEGO's code
-    measured −6.8 Acc / −2.4 mIoU with updates after every step, −0.8 / +0.1 with every 10th; its decay keeps the
-    paper's cap (`head_ema_max_decay` 0.98: the tokens' 0.9 measured −3.0 / −0.6 there); the vote stays the plain count
-    (`head_vote_balance` 0: τ 0.5 measured −2.1 / −0.4 on the same folds), one class per mask (`head_keep_share` 1:
-    0.3 measured −0.8 / −0.1 against its −0.8 / +0.1). The paper's recipe is learning_rate=5e-3, ema_every=10,
+    The defaults are the recipe the training-fold protocol picked on CamVid's and MSRC-21's training splits (README,
+    "Choosing the recipe without val"): lr 2e-3, 40 epochs, every mask weighing the same in the M-step loss, θ_M
+    updated after every step with its decay capped at 0.9, the vote balanced by the classes' batch shares
+    (`vote_balance` 0.5) with a class covering 30% of a mask keeping its pixels (`keep_share` 0.3), and the teacher's
+    own class where no mask lies. On a head's code the HEAD_TWINS fields hold the values the same protocol picked
+    there (README, "PriMaPs-EM on top of STEGO and HP"). The paper's recipe is learning_rate=5e-3, ema_every=10,
     ema_max_decay=0.98, vote_balance=0, keep_share=1, teacher_fallback=False, mask_weighting=0.
     """
 
