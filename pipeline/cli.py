@@ -214,8 +214,8 @@ def propose(features, out, psi, center, stop_fraction, sign_rule, crf, crf_itera
               help="--keep-share for a fit on a head's code (1: 0.3 gained nothing on STEGO's code, README).")
 @click.option("--mask-weighting", type=allowed("fit", "mask_weighting"), default=1.0,
               help="M-step pixel weight |mask|^-w: 1 weighs every proposal alike, 0 every pixel alike (the paper).")
-@click.option("--head-mask-weighting", type=allowed("fit", "head_mask_weighting"), default=1.0,
-              help="--mask-weighting for a fit on a head's code.")
+@click.option("--head-mask-weighting", type=allowed("fit", "head_mask_weighting"), default=0.0,
+              help="--mask-weighting for a fit on a head's code (0, the paper's: chosen on STEGO's code, README).")
 @click.option("--logits", type=click.Choice(["raw", "cosine"]), default="raw",
               help="Prototype scores on raw features (the paper) or on L2-normalised ones, starting at the initial "
                    "model's gain (a head's cluster probe: 2, as it scores; the Baseline: 1).")

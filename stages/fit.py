@@ -61,8 +61,9 @@ class FitSettings:
     updated after every step with its decay capped at 0.9, the vote balanced by the classes' batch shares
     (`vote_balance` 0.5) with a class covering 30% of a mask keeping its pixels (`keep_share` 0.3), and the teacher's
     own class where no mask lies. On a head's code the HEAD_TWINS fields hold the values the same protocol picked
-    there (README, "PriMaPs-EM on top of STEGO and HP"). The paper's recipe is learning_rate=5e-3, ema_every=10,
-    ema_max_decay=0.98, vote_balance=0, keep_share=1, teacher_fallback=False, mask_weighting=0.
+    there, which are the paper's (README, "PriMaPs-EM on top of STEGO and HP"). The paper's recipe is
+    learning_rate=5e-3, ema_every=10, ema_max_decay=0.98, vote_balance=0, keep_share=1, teacher_fallback=False,
+    mask_weighting=0.
     """
 
     features: Path
@@ -88,7 +89,7 @@ class FitSettings:
     keep_share: float = 0.3
     head_keep_share: float = 1.0
     mask_weighting: float = 1.0
-    head_mask_weighting: float = 1.0
+    head_mask_weighting: float = 0.0
     logits: str = "raw"
     augmented_student: bool = True
     init_samples: int = 200_000

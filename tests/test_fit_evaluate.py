@@ -65,7 +65,7 @@ def test_fit_refuses_other_settings_and_foreign_masks(camvid, camvid_features, c
     settings = fit_settings(camvid_features, camvid_masks, tmp_path / "model.pt", epochs=1)
     run_fit(settings, progress=False)
     assert run_fit(replace(settings, head_ema_every=3, head_ema_max_decay=0.5, head_vote_balance=1.0,
-                           head_keep_share=0.5, head_mask_weighting=0.0), progress=False).epochs_run == 0, \
+                           head_keep_share=0.5, head_mask_weighting=0.5), progress=False).epochs_run == 0, \
         "a token fit ignores the head's EMA, vote and loss options, so changing them must not refuse the finished fit"
     with pytest.raises(PipelineError, match=r"model\.pt: made with different settings: .*ema_every"):
         run_fit(replace(settings, ema_every=3), progress=False)

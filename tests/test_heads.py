@@ -361,9 +361,9 @@ def test_stego_plus_primaps_em_end_to_end_from_the_cache(camvid_features, camvid
     assert em["recipe"]["head_vote_balance"] == 0.0 and "vote_balance" not in em["recipe"]
     assert em_config(fit).keep_share == 1.0 and em_config(replace(fit, head=None)).keep_share == 0.3
     assert em["recipe"]["head_keep_share"] == 1.0 and "keep_share" not in em["recipe"]
-    per_pixel = replace(fit, head_mask_weighting=0.0)
-    assert em_config(per_pixel).mask_weighting == 0.0 and em_config(replace(per_pixel, head=None)).mask_weighting == 1.0
-    assert em["recipe"]["head_mask_weighting"] == 1.0 and "mask_weighting" not in em["recipe"]
+    assert em_config(fit).mask_weighting == 0.0 and em_config(replace(fit, head=None)).mask_weighting == 1.0, \
+        "a head fit takes the paper's per-pixel loss, a token fit weighs every mask alike"
+    assert em["recipe"]["head_mask_weighting"] == 0.0 and "mask_weighting" not in em["recipe"]
     summary = run_evaluate(EvaluateSettings(model=fit.out, features=camvid_features, out=tmp_path / "eval",
                                             extra_models=(("stego", fit.baseline_out),)), progress=False)
     assert list(summary)[1:3] == ["primaps_em", "stego"]
