@@ -154,10 +154,9 @@ def _write_history(settings: FitSettings, history: list[dict[str, Any]]) -> None
 
 
 def em_config(settings: FitSettings) -> EMConfig:
-    """The EM hyper-parameters of a fit; on a head's code θ_M follows every head_ema_every-th step up to decay
-    head_ema_max_decay, the vote takes head_vote_balance and head_keep_share and the loss head_mask_weighting. With cosine logits every gain
-    starts where the initial model's scoring has it (a head's cluster probe: 2; the Baseline: 1), so the first
-    E-step labels and the first loss are the initial model's own."""
+    """The EM hyper-parameters of a fit; on a head's code each HEAD_TWINS setting takes its twin's value. With
+    cosine logits every gain starts where the initial model's scoring has it (a head's cluster probe: 2; the
+    Baseline: 1), so the first E-step labels and the first loss are the initial model's own."""
     cosine = settings.logits == "cosine"
     return EMConfig(num_classes=settings.classes, learning_rate=settings.learning_rate,
                     ema_every=settings.used("ema_every"),
