@@ -8,6 +8,7 @@ import click
 
 from pipeline import __version__
 from pipeline.device import DEVICE_CHOICES
+from pipeline.em import VOTE_RULES
 from pipeline.errors import PipelineError
 from pipeline.params import load_section
 from pipeline.ranges import allowed
@@ -212,6 +213,10 @@ def propose(features, out, psi, center, stop_fraction, sign_rule, crf, crf_itera
                    "the mask's vote (1 = the paper's one class per mask; 0.3 chosen by the training-fold protocol).")
 @click.option("--head-keep-share", type=allowed("fit", "head_keep_share"), default=1.0,
               help="--keep-share for a fit on a head's code (1: 0.3 gained nothing on STEGO's code, README).")
+@click.option("--vote", type=click.Choice(VOTE_RULES), default="majority",
+              help="E-step rule. majority = the paper's most frequent class per mask; transport = one class per "
+                   "mask, chosen so that every class keeps θ_M's share of the masked pixels; restore = the majority "
+                   "vote, then a class left below θ_M's count keeps its own pixels where it covers most of a mask.")
 @click.option("--mask-weighting", type=allowed("fit", "mask_weighting"), default=1.0,
               help="M-step pixel weight |mask|^-w: 1 weighs every proposal alike, 0 every pixel alike (the paper).")
 @click.option("--head-mask-weighting", type=allowed("fit", "head_mask_weighting"), default=0.0,

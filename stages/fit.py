@@ -22,7 +22,7 @@ from tqdm import tqdm
 from pipeline import __version__
 from pipeline.device import resolve_device
 from pipeline.backbones.checkpoint import tensors_fingerprint
-from pipeline.em import EMConfig, PrimapsEM, faiss_gpus, pca_directions, spherical_kmeans
+from pipeline.em import VOTE_RULES, EMConfig, PrimapsEM, faiss_gpus, pca_directions, spherical_kmeans
 from pipeline.errors import PipelineError
 from pipeline.heads import build_head
 from pipeline.heads.stego import SegmentationHead
@@ -88,6 +88,7 @@ class FitSettings:
     head_vote_balance: float = 0.0
     keep_share: float = 0.3
     head_keep_share: float = 1.0
+    vote: str = "majority"
     mask_weighting: float = 1.0
     head_mask_weighting: float = 0.0
     logits: str = "raw"
@@ -102,6 +103,8 @@ class FitSettings:
         check_ranges("fit", vars(self))
         if self.logits not in LOGITS_CHOICES:
             raise PipelineError(f"--logits {self.logits}: must be one of {', '.join(LOGITS_CHOICES)}")
+        if self.vote not in VOTE_RULES:
+            raise PipelineError(f"--vote {self.vote}: must be one of {', '.join(VOTE_RULES)}")
 
     def recipe(self, holdout: list[str] | None = None) -> dict[str, Any]:
         """The settings that change the result (paths, device and overwrite do not; the held-out images do, and of
@@ -163,6 +166,7 @@ def em_config(settings: FitSettings) -> EMConfig:
                     ema_max_decay=settings.used("ema_max_decay"), gamma=settings.gamma,
                     min_share=settings.min_share, teacher_fallback=settings.teacher_fallback,
                     vote_balance=settings.used("vote_balance"), keep_share=settings.used("keep_share"),
+                    vote=settings.vote,
                     mask_weighting=settings.used("mask_weighting"), cosine=cosine,
                     initial_gain=CLUSTER_PROBE_GAIN if cosine and settings.head is not None else 1.0,
                     seed=settings.seed)

@@ -97,7 +97,8 @@ class _Model:
         return {"min_share": float(recipe.get("min_share", 0.0)),
                 "teacher_fallback": bool(recipe.get("teacher_fallback", False)),
                 "balance": float(recipe.get("vote_balance", recipe.get("head_vote_balance", 0.0))),
-                "keep_share": float(recipe.get("keep_share", recipe.get("head_keep_share", 1.0)))}
+                "keep_share": float(recipe.get("keep_share", recipe.get("head_keep_share", 1.0))),
+                "rule": str(recipe.get("vote", "majority"))}
 
 
 def run_inspect(settings: InspectSettings, progress: bool = True) -> InspectSummary:
