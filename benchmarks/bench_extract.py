@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 import stages.extract
-from pipeline.backbones import ViT, build_backbone, get_spec
+from pipeline.backbones import Backbone, build_backbone, get_spec
 from pipeline.data import SegmentationDataset, normalize_crops, open_dataset, prepare_crop
 from pipeline.device import DEVICE_CHOICES, resolve_device
 from stages.extract import ExtractSettings, run_extract
@@ -45,7 +45,7 @@ def print_header(title: str, device: torch.device) -> None:
 
 
 @torch.inference_mode()
-def forward(model: ViT, crops: np.ndarray, device: torch.device) -> np.ndarray:
+def forward(model: Backbone, crops: np.ndarray, device: torch.device) -> np.ndarray:
     """The backbone on uint8 crops, with the stage's precision (fp16 autocast on CUDA, fp32 on CPU)."""
     images = normalize_crops(crops).to(device)
     with torch.autocast(device.type, dtype=torch.float16, enabled=device.type == "cuda"):
@@ -56,7 +56,7 @@ def load_crops(dataset: SegmentationDataset, indices: Sequence[int], resolution:
     return np.stack([prepare_crop(dataset.load_image(index), resolution) for index in indices])
 
 
-def bare_loop(dataset: SegmentationDataset, model: ViT, resolution: int, batch_size: int,
+def bare_loop(dataset: SegmentationDataset, model: Backbone, resolution: int, batch_size: int,
               device: torch.device) -> float:
     """Seconds for decode + crop + normalise + forward over every image, serially."""
     started = time.perf_counter()
@@ -109,7 +109,7 @@ def main() -> None:
                         help="dataset root (default: $PRIMAPS_CAMVID_ROOT or ../shared/data/camvid)")
     parser.add_argument("--split", default="train")
     parser.add_argument("--backbone", default="dinov2_vits14_imgfocus")
-    parser.add_argument("--weights", default=None, help="official .pth for dino_* / dinov2_* backbones")
+    parser.add_argument("--weights", default=None, help="official .pth for dino_* / dinov2_* / dinov3_* backbones")
     parser.add_argument("--resolution", type=int, default=322)
     parser.add_argument("--max-images", type=int, default=48)
     parser.add_argument("--batch-size", type=int, default=8)

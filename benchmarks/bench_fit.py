@@ -237,7 +237,8 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", choices=DEVICE_CHOICES)
     parser.add_argument("--root", default=DEFAULT_ROOT, help="dataset root of the feature file's images "
                         "(default: $PRIMAPS_CAMVID_ROOT or ../shared/data/camvid)")
-    parser.add_argument("--weights", default=None, help="official .pth, when the features came from dino_* / dinov2_*")
+    parser.add_argument("--weights", default=None,
+                        help="official .pth, when the features came from dino_* / dinov2_* / dinov3_*")
     parser.add_argument("--forward-images", type=int, default=64,
                         help="images timed through the backbone; more are extrapolated per image")
     parser.add_argument("--forward-batch", type=int, default=8)

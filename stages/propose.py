@@ -31,8 +31,11 @@ from pipeline.store.masks import MaskRecord
 # ψ and centring per backbone family when not given. The paper's rule (raw cosine, ψ = 0.4) finds only ~2
 # masks per image on DINOv2 tokens, whose cosines are dominated by a shared mean direction; centring on the
 # split's mean token with ψ = 0.8 gave the purest masks at full coverage on CamVid val (README, "Choosing ψ";
-# benchmarks/psi_study.py). DINO v1 could not be measured offline and keeps the paper's rule.
-FAMILY_DEFAULTS: dict[str, tuple[float, str]] = {"dinov2": (0.8, "dataset_mean"), "dino": (0.4, "none")}
+# benchmarks/psi_study.py). DINO v1 could not be measured offline and keeps the paper's rule. DINOv3 takes
+# DINOv2's values unmeasured: no DINOv3 weights exist offline to run the study on.
+FAMILY_DEFAULTS: dict[str, tuple[float, str]] = {
+    "dinov2": (0.8, "dataset_mean"), "dino": (0.4, "none"), "dinov3": (0.8, "dataset_mean"),
+}
 
 
 @dataclass(frozen=True)

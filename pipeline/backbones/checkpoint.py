@@ -1,4 +1,4 @@
-"""Reading official DINO / DINOv2 `.pth` checkpoints into a ViT, and fingerprinting weight files."""
+"""Reading official DINO / DINOv2 / DINOv3 `.pth` checkpoints into a backbone, and fingerprinting weight files."""
 
 from __future__ import annotations
 
@@ -8,7 +8,6 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from pipeline.backbones.vit import ViT
 from pipeline.errors import PipelineError
 
 # Full training checkpoints nest the backbone under one of these; the released *_pretrain.pth files do not.
@@ -40,7 +39,7 @@ def tensors_fingerprint(state: dict[str, Tensor]) -> str:
 
 
 def backbone_state_dict(checkpoint: dict) -> dict[str, Tensor]:
-    """The backbone's tensors of an official checkpoint, under the ViT's own key names."""
+    """The backbone's tensors of an official checkpoint, under the model's own key names."""
     for key in WRAPPER_KEYS:
         if isinstance(checkpoint.get(key), dict):
             checkpoint = checkpoint[key]
@@ -79,8 +78,9 @@ def load_state_dict_strict(model: nn.Module, state: dict[str, Tensor], source: s
     model.load_state_dict({key: value.to(torch.float32) for key, value in state.items()}, strict=True, assign=True)
 
 
-def load_official_state_dict(model: ViT, path: str | Path) -> None:
-    """Load an official DINO / DINOv2 `.pth` into `model`; errors name the file and the model's registry name."""
+def load_official_state_dict(model: nn.Module, path: str | Path) -> None:
+    """Load an official DINO / DINOv2 / DINOv3 `.pth` into `model` (a ViT or DINOv3ViT); errors name the file and
+    the model's registry name."""
     path = Path(path)
     if not path.is_file():
         raise PipelineError(f"{path}: weights file not found")

@@ -70,26 +70,29 @@ class PatchEmbed(nn.Module):
 
 
 class Attention(nn.Module):
-    """Multi-head self-attention with one fused qkv projection (the checkpoints' layout)."""
+    """Multi-head self-attention with one fused qkv projection (the checkpoints' layout).
 
-    def __init__(self, dim: int, num_heads: int) -> None:
+    `qkv` replaces the plain dim → 3·dim projection (DINOv3 masks its key bias).
+    """
+
+    def __init__(self, dim: int, num_heads: int, qkv: nn.Linear | None = None) -> None:
         super().__init__()
         self.num_heads = num_heads
-        self.qkv = nn.Linear(dim, dim * 3)
+        self.qkv = nn.Linear(dim, dim * 3) if qkv is None else qkv
         self.proj = nn.Linear(dim, dim)
         self.use_xformers = True
         """xformers' memory-efficient kernel on CUDA when it is installed (else torch's SDPA)."""
 
     def forward(self, x: Tensor) -> Tensor:
         batch, tokens, dim = x.shape
-        qkv = self.qkv(x).reshape(batch, tokens, 3, self.num_heads, dim // self.num_heads)
-        if self.use_xformers and memory_efficient_attention is not None and x.is_cuda:
-            q, k, v = qkv.unbind(2)
-            out = memory_efficient_attention(q, k, v)
-        else:
-            q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
-            out = F.scaled_dot_product_attention(q, k, v).transpose(1, 2)
-        return self.proj(out.reshape(batch, tokens, dim))
+        q, k, v = self.qkv(x).reshape(batch, tokens, 3, self.num_heads, dim // self.num_heads).unbind(2)
+        return self.proj(self.attend(q, k, v).reshape(batch, tokens, dim))
+
+    def attend(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        """Scaled dot-product attention of (B, N, heads, d) queries, keys and values, in that layout."""
+        if self.use_xformers and memory_efficient_attention is not None and q.is_cuda:
+            return memory_efficient_attention(q, k, v)
+        return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2)
 
 
 class Mlp(nn.Module):
