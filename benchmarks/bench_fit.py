@@ -43,6 +43,7 @@ import numpy as np
 import torch
 
 import pipeline.em
+import pipeline.em.vote
 import stages.fit
 from bench_extract import DEFAULT_ROOT, forward, load_crops, print_header
 from pipeline.backbones import build_backbone
@@ -110,7 +111,7 @@ class FitProfiler:
             (stages.fit, "_save", lambda f: self._timed(f, lambda s: self._add_outside("checkpoints", s))),
             (pipeline.em.PrimapsEM, "step", self._step),
             (pipeline.em.Prototypes, "forward", self._first_forward),
-            (pipeline.em, "majority_vote", self._majority_vote),
+            (pipeline.em.vote, "majority_vote", self._majority_vote),
         ]
         self._originals = [(owner, name, getattr(owner, name)) for owner, name, _ in self._wrapped]
 

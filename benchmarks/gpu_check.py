@@ -38,7 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from pipeline.backbones import build_backbone, get_spec  # noqa: E402
 from pipeline.backbones.vit import memory_efficient_attention, set_xformers  # noqa: E402
 from pipeline.data import normalize_crops, open_dataset, prepare_crop  # noqa: E402
-from pipeline.em import faiss_gpus, pca_directions, spherical_kmeans  # noqa: E402
+from pipeline.em.initialisation import faiss_gpus, pca_directions, spherical_kmeans  # noqa: E402
 from pipeline.store.checkpoints import load_checkpoint  # noqa: E402
 from pipeline.store.features import FeatureFile  # noqa: E402
 from pipeline.segmenter import load_segmenter  # noqa: E402

@@ -8,7 +8,7 @@ import click
 
 from pipeline import __version__
 from pipeline.device import DEVICE_CHOICES
-from pipeline.em import VOTE_RULES
+from pipeline.em.vote import VOTE_RULES
 from pipeline.errors import PipelineError
 from pipeline.params import load_section
 from pipeline.ranges import allowed

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from pipeline.em import Prototypes
+from pipeline.em.prototypes import Prototypes
 from pipeline.heads import build_head
 from pipeline.heads.stego import SegmentationHead
 

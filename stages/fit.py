@@ -22,7 +22,9 @@ from tqdm import tqdm
 from pipeline import __version__
 from pipeline.device import resolve_device
 from pipeline.backbones.checkpoint import tensors_fingerprint
-from pipeline.em import VOTE_RULES, EMConfig, PrimapsEM, faiss_gpus, pca_directions, spherical_kmeans
+from pipeline.em.initialisation import faiss_gpus, pca_directions, spherical_kmeans
+from pipeline.em.model import EMConfig, PrimapsEM
+from pipeline.em.vote import VOTE_RULES
 from pipeline.errors import PipelineError
 from pipeline.heads import build_head
 from pipeline.heads.stego import SegmentationHead

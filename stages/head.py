@@ -24,7 +24,7 @@ from torch import Tensor
 from pipeline import __version__
 from pipeline.backbones.checkpoint import sha256_file
 from pipeline.device import resolve_device
-from pipeline.em import pca_directions, spherical_kmeans
+from pipeline.em.initialisation import pca_directions, spherical_kmeans
 from pipeline.errors import PipelineError
 from pipeline.heads import build_head
 from pipeline.heads.neighbours import global_descriptor, nearest_images

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipeline.em import e_step
+from pipeline.em.vote import e_step
 from pipeline.errors import PipelineError
 from pipeline.progress import progress_bar
 from pipeline.ranges import check_ranges

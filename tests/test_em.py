@@ -146,7 +146,7 @@ def test_pca_directions_match_numpy_svd_and_sign_rule(monkeypatch):
     rng = np.random.default_rng(0)
     features = (rng.normal(size=(500, 8)) * np.array([5, 4, 3, 2, 1, 0.5, 0.3, 0.1])) @ np.linalg.qr(rng.normal(size=(8, 8)))[0]
     features = (features + 10.0).astype(np.float32)
-    monkeypatch.setattr(em, "_COVARIANCE_CHUNK", 64)  # exercise the chunked accumulation
+    monkeypatch.setattr(em.initialisation, "_COVARIANCE_CHUNK", 64)  # exercise the chunked accumulation
     directions = pca_directions(features, 3)
     reference = np.linalg.svd(features - features.mean(axis=0), full_matrices=False)[2][:3]
     assert directions.shape == (3, 8) and directions.dtype == np.float32
@@ -331,7 +331,7 @@ def test_upsampled_loss_equals_the_loss_of_upsampled_logits_in_value_and_gradien
     pseudo[:, :9] = 255
     masks = torch.randint(0, 4, (5, *size), generator=generator, dtype=torch.uint8)
     pixel_weights = mask_size_weights(masks, 1.0) if weighted else None
-    monkeypatch.setattr(em, "_CACHE_CHUNK_ELEMENTS", images_per_chunk * 3 * size[0] * size[1])
+    monkeypatch.setattr(em.prototypes, "_CACHE_CHUNK_ELEMENTS", images_per_chunk * 3 * size[0] * size[1])
 
     fast_input = logits.clone().requires_grad_(True)
     fast = upsampled_pseudo_label_loss(fast_input, size, pseudo, gamma=2.0, pixel_weights=pixel_weights)
@@ -359,7 +359,7 @@ def test_upsampled_argmax_is_the_argmax_of_the_upsampled_logits(monkeypatch):
     logits = torch.randn(5, 6, 5, 7, generator=torch.Generator().manual_seed(12))
     expected = upsample_logits(logits, (30, 42)).argmax(dim=1)
     for images_per_chunk in (1, 2, 8):
-        monkeypatch.setattr(em, "_CACHE_CHUNK_ELEMENTS", images_per_chunk * 6 * 30 * 42)
+        monkeypatch.setattr(em.prototypes, "_CACHE_CHUNK_ELEMENTS", images_per_chunk * 6 * 30 * 42)
         assert torch.equal(upsampled_argmax(logits, (30, 42)), expected)
 
 
