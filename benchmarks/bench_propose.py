@@ -33,7 +33,8 @@ from pipeline.primaps import PrimapsParams, ProposalTiming, proposal_map
 from pipeline.store import masks as mask_store
 from pipeline.store.features import FeatureFile
 from stages.extract import ExtractSettings, run_extract
-from stages.propose import ProposeSettings, dataset_mean_token, run_propose
+from pipeline.tokens import dataset_mean_token
+from stages.propose import ProposeSettings, run_propose
 
 PHASES = ("pca_seconds", "median_seconds", "crf_seconds")
 

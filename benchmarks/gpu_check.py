@@ -43,7 +43,8 @@ from pipeline.store.checkpoints import load_checkpoint  # noqa: E402
 from pipeline.store.features import FeatureFile  # noqa: E402
 from pipeline.segmenter import load_segmenter  # noqa: E402
 from stages.extract import ExtractSettings, run_extract  # noqa: E402
-from stages.fit import FitSettings, run_fit, sample_tokens  # noqa: E402
+from pipeline.tokens import sample_tokens  # noqa: E402
+from stages.fit import FitSettings, run_fit  # noqa: E402
 from stages.propose import ProposeSettings, run_propose  # noqa: E402
 
 BACKBONE = "dinov2_vits14_imgfocus"

@@ -50,7 +50,7 @@ from tqdm import tqdm
 from pipeline.crf import CRFParams, dense_crf
 from pipeline.primaps import BACKGROUND_ID, PrimapsParams, masks_to_logits, propose_token_masks, proposal_map
 from pipeline.store.features import FeatureFile
-from stages.propose import dataset_mean_token
+from pipeline.tokens import dataset_mean_token
 
 CENTERS = ("none", "dataset_mean", "image_mean")
 CLASSES_K = 11

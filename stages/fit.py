@@ -38,6 +38,7 @@ from pipeline.store.features import FeatureFile
 from pipeline.store.heads import load_head, require_head_matches_features
 from pipeline.store.image_lists import list_fingerprint, read_image_list, select_indices
 from pipeline.store.provenance import differences, fingerprint
+from pipeline.tokens import sample_tokens
 from pipeline.viz import save_history_figure
 
 
@@ -361,20 +362,6 @@ def _cluster_probe(settings: FitSettings, features: FeatureFile, head: dict[str,
         "history": [], "head": head,
     })
     return clusters.numpy()
-
-
-def sample_tokens(features: FeatureFile, count: int, seed: int, indices: np.ndarray | None = None) -> np.ndarray:
-    """About `count` clean tokens (float32 N×C) drawn evenly from every image of `indices` (default: the split's
-    readable images), seeded."""
-    indices = features.valid_indices() if indices is None else indices
-    rng = np.random.default_rng(seed)
-    tokens_per_image = features.grid * features.grid
-    take = min(tokens_per_image, max(1, -(-count // max(len(indices), 1))))
-    rows = []
-    for index in indices:
-        tokens = features.features(int(index)).reshape(tokens_per_image, features.dim)
-        rows.append(tokens[np.sort(rng.choice(tokens_per_image, take, replace=False))].astype(np.float32))
-    return np.concatenate(rows)
 
 
 def _run_epoch(em: PrimapsEM, features: FeatureFile, indices: np.ndarray, records: dict[str, mask_store.MaskRecord],

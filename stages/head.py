@@ -23,6 +23,7 @@ from torch import Tensor
 
 from pipeline import __version__
 from pipeline.backbones.checkpoint import sha256_file
+from pipeline.backbones.registry import get_spec
 from pipeline.device import resolve_device
 from pipeline.em.initialisation import pca_directions, spherical_kmeans
 from pipeline.errors import PipelineError
@@ -38,8 +39,7 @@ from pipeline.store.features import FeatureFile
 from pipeline.store.heads import HEAD_KIND, require_head_matches_features
 from pipeline.store.knn import read_neighbours, write_neighbours
 from pipeline.store.provenance import differences
-from stages.fit import sample_tokens
-from stages.propose import FAMILY_DEFAULTS, dataset_mean_token
+from pipeline.tokens import dataset_mean_token, sample_tokens
 
 PROBES = ("kmeans", "online")
 """How the finished head's cluster probe is made: `kmeans` (default) re-fits it once training ends as spherical
@@ -124,7 +124,7 @@ def run_train_head(settings: TrainHeadSettings, progress: bool = True,
     """Train (or resume training) a STEGO head and cluster probe on a training feature file."""
     started = time.perf_counter()
     with FeatureFile(settings.features) as features:
-        center_rule = settings.center or FAMILY_DEFAULTS[features.provenance["backbone_family"]][1]
+        center_rule = settings.center or get_spec(features.provenance["backbone"]).proposals.center
         center = dataset_mean_token(features) if center_rule == "dataset_mean" else None
         recipe = settings.recipe(center_rule)
         partial = settings.out.with_name(settings.out.name + ".partial")

@@ -17,8 +17,8 @@ import numpy as np
 from threadpoolctl import threadpool_limits
 
 from pipeline import __version__
+from pipeline.backbones.registry import get_spec
 from pipeline.crf import CRFParams
-from pipeline.errors import PipelineError
 from pipeline.parallel import PoolFailure, parallel_unordered
 from pipeline.primaps import PrimapsParams, proposal_map
 from pipeline.progress import progress_bar
@@ -26,23 +26,14 @@ from pipeline.ranges import check_ranges
 from pipeline.store import masks as mask_store
 from pipeline.store.features import FeatureFile, shared_feature_file
 from pipeline.store.masks import MaskRecord
-
-
-# ψ and centring per backbone family when not given. The paper's rule (raw cosine, ψ = 0.4) finds only ~2
-# masks per image on DINOv2 tokens, whose cosines are dominated by a shared mean direction; centring on the
-# split's mean token with ψ = 0.8 gave the purest masks at full coverage on CamVid val (README, "Choosing ψ";
-# benchmarks/psi_study.py). DINO v1 could not be measured offline and keeps the paper's rule. DINOv3 takes
-# DINOv2's values unmeasured: no DINOv3 weights exist offline to run the study on.
-FAMILY_DEFAULTS: dict[str, tuple[float, str]] = {
-    "dinov2": (0.8, "dataset_mean"), "dino": (0.4, "none"), "dinov3": (0.8, "dataset_mean"),
-}
+from pipeline.tokens import dataset_mean_token
 
 
 @dataclass(frozen=True)
 class ProposeSettings:
     """Everything `propose` needs; mirrors the CLI options and the `propose` section of params.yaml.
 
-    `psi` and `center` left as None take the backbone family's default (FAMILY_DEFAULTS).
+    `psi` and `center` left as None take the backbone's defaults (its registry entry's `proposals`).
     """
 
     features: Path
@@ -62,10 +53,11 @@ class ProposeSettings:
         check_ranges("propose", {**vars(self), "crf_iterations": self.crf.iterations if self.crf else None})
 
 
-def primaps_params(settings: ProposeSettings, backbone_family: str) -> PrimapsParams:
-    """The PriMaPs constants to use: the settings, completed by the backbone family's defaults."""
-    psi, center = FAMILY_DEFAULTS[backbone_family]
-    return PrimapsParams(psi=psi if settings.psi is None else settings.psi, center=settings.center or center,
+def primaps_params(settings: ProposeSettings, backbone: str) -> PrimapsParams:
+    """The PriMaPs constants to use: the settings, completed by the backbone's defaults."""
+    defaults = get_spec(backbone).proposals
+    return PrimapsParams(psi=defaults.psi if settings.psi is None else settings.psi,
+                         center=settings.center or defaults.center,
                          stop_fraction=settings.stop_fraction, sign_rule=settings.sign_rule)
 
 
@@ -91,7 +83,7 @@ def run_propose(settings: ProposeSettings, progress: bool = True) -> ProposeSumm
     with FeatureFile(settings.features) as features:
         indices = [int(index) for index in features.valid_indices()]
         names = [features.names[index] for index in indices]
-        params = primaps_params(settings, features.provenance["backbone_family"])
+        params = primaps_params(settings, features.provenance["backbone"])
         center = dataset_mean_token(features) if params.center == "dataset_mean" else None
         provenance = {
             "stage": "propose",
@@ -129,17 +121,6 @@ def run_propose(settings: ProposeSettings, progress: bool = True) -> ProposeSumm
         coverage=float(np.mean([record.coverage for record in finished])) if finished else 0.0,
         seconds=time.perf_counter() - started,
     )
-
-
-def dataset_mean_token(features: FeatureFile) -> np.ndarray:
-    """Mean raw token over the whole split (float64, C): the shared direction that dominates raw cosines."""
-    total = np.zeros(features.dim, np.float64)
-    count = 0
-    for index in features.valid_indices():
-        tokens = features.features(int(index)).astype(np.float64)
-        total += tokens.reshape(-1, features.dim).sum(axis=0)
-        count += tokens.shape[0] * tokens.shape[1]
-    return total / max(count, 1)
 
 
 def _run_tasks(tasks: list[tuple], settings: ProposeSettings):

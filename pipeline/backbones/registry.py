@@ -29,6 +29,22 @@ Backbone = ViT | DINOv3ViT
 
 
 @dataclass(frozen=True)
+class ProposalDefaults:
+    """PriMaPs' cosine threshold ψ and centring rule for a backbone's tokens, when `propose` is not told."""
+
+    psi: float
+    center: str
+
+
+PAPER_PROPOSALS = ProposalDefaults(psi=0.4, center="none")
+"""The paper's rule (raw cosine, ψ 0.4), kept for DINO v1, which cannot be measured offline."""
+CENTRED_PROPOSALS = ProposalDefaults(psi=0.8, center="dataset_mean")
+"""DINOv2's tokens share a dominant mean direction: the paper's rule finds ~2 masks per image on them, while
+centring on the split's mean token with ψ 0.8 gave the purest masks at full coverage (docs/results/psi.md).
+DINOv3 takes these values unmeasured: no DINOv3 weights exist offline to run the study on."""
+
+
+@dataclass(frozen=True)
 class BackboneSpec:
     """What the rest of the pipeline needs to know about a backbone before building it, and how to build it.
 
@@ -48,20 +64,21 @@ class BackboneSpec:
     default_resolution: int
     official_filename: str | None
     position_interpolation: str
+    proposals: ProposalDefaults
     train_resolution: int | None = None
     dinov3: DINOv3Options | None = None
 
 
 def _dino(
     *, name: str, family: str, arch: str, patch_size: int, embed_dim: int, depth: int, num_heads: int,
-    train_resolution: int, default_resolution: int, official_filename: str | None,
+    train_resolution: int, default_resolution: int, official_filename: str | None, proposals: ProposalDefaults,
     position_interpolation: str = "offset_scale",
 ) -> BackboneSpec:
     """A DINO or DINOv2 ViT: learned position embeddings of a train_resolution² image, resampled at other sizes."""
     return BackboneSpec(name=name, family=family, arch=arch, patch_size=patch_size, embed_dim=embed_dim, depth=depth,
                         num_heads=num_heads, default_resolution=default_resolution,
                         official_filename=official_filename, position_interpolation=position_interpolation,
-                        train_resolution=train_resolution)
+                        proposals=proposals, train_resolution=train_resolution)
 
 
 def _dinov3(
@@ -76,7 +93,8 @@ def _dinov3(
                             input_mean=input_mean, input_std=input_std)
     return BackboneSpec(name=name, family="dinov3", arch=arch, patch_size=patch_size, embed_dim=embed_dim,
                         depth=depth, num_heads=num_heads, default_resolution=default_resolution,
-                        official_filename=official_filename, position_interpolation=POSITION_RULE, dinov3=options)
+                        official_filename=official_filename, position_interpolation=POSITION_RULE,
+                        proposals=CENTRED_PROPOSALS, dinov3=options)
 
 
 # Default resolutions: 320 px → 40×40 tokens at /8 and 20×20 at /16 (DINOv3 included); the /14 models use
@@ -86,26 +104,26 @@ BACKBONES: dict[str, BackboneSpec] = {
     for spec in (
         _dino(name="dino_vits8", family="dino", arch="vit_small", patch_size=8, embed_dim=384, depth=12,
               num_heads=6, train_resolution=224, default_resolution=320,
-              official_filename="dino_deitsmall8_pretrain.pth"),
+              proposals=PAPER_PROPOSALS, official_filename="dino_deitsmall8_pretrain.pth"),
         _dino(name="dino_vits16", family="dino", arch="vit_small", patch_size=16, embed_dim=384, depth=12,
               num_heads=6, train_resolution=224, default_resolution=320,
-              official_filename="dino_deitsmall16_pretrain.pth"),
+              proposals=PAPER_PROPOSALS, official_filename="dino_deitsmall16_pretrain.pth"),
         _dino(name="dino_vitb8", family="dino", arch="vit_base", patch_size=8, embed_dim=768, depth=12,
               num_heads=12, train_resolution=224, default_resolution=320,
-              official_filename="dino_vitbase8_pretrain.pth"),
+              proposals=PAPER_PROPOSALS, official_filename="dino_vitbase8_pretrain.pth"),
         _dino(name="dino_vitb16", family="dino", arch="vit_base", patch_size=16, embed_dim=768, depth=12,
               num_heads=12, train_resolution=224, default_resolution=320,
-              official_filename="dino_vitbase16_pretrain.pth"),
+              proposals=PAPER_PROPOSALS, official_filename="dino_vitbase16_pretrain.pth"),
         _dino(name="dinov2_vits14", family="dinov2", arch="vit_small", patch_size=14, embed_dim=384, depth=12,
               num_heads=6, train_resolution=518, default_resolution=322,
-              official_filename="dinov2_vits14_pretrain.pth"),
+              proposals=CENTRED_PROPOSALS, official_filename="dinov2_vits14_pretrain.pth"),
         _dino(name="dinov2_vitb14", family="dinov2", arch="vit_base", patch_size=14, embed_dim=768, depth=12,
               num_heads=12, train_resolution=518, default_resolution=322,
-              official_filename="dinov2_vitb14_pretrain.pth"),
+              proposals=CENTRED_PROPOSALS, official_filename="dinov2_vitb14_pretrain.pth"),
         # A Hugging Face Dinov2Model export: it resizes position embeddings to the exact grid.
         _dino(name=IMGFOCUS, family="dinov2", arch="vit_small", patch_size=14, embed_dim=384, depth=12,
-              num_heads=6, train_resolution=518, default_resolution=322, official_filename=None,
-              position_interpolation="exact_size"),
+              num_heads=6, train_resolution=518, default_resolution=322,
+              proposals=CENTRED_PROPOSALS, official_filename=None, position_interpolation="exact_size"),
         # DINOv3 (dinov3/hub/backbones.py): every size has 4 storage tokens, RoPE base 100 and LayerNorm eps 1e-5;
         # `arch` is the hub's compact name. The SAT-493M ViT-L is its own entry: its file has two more tensors.
         _dinov3(name="dinov3_vits16", arch="vits", patch_size=16, embed_dim=384, depth=12, num_heads=6,
