@@ -37,6 +37,9 @@ from pipeline.store.checkpoints import load_checkpoint, save_checkpoint
 from pipeline.store.features import FeatureFile
 from pipeline.store.heads import load_head, require_head_matches_features
 from pipeline.store.image_lists import list_fingerprint, read_image_list, select_indices
+from pipeline.store.models import (
+    BASELINE_KIND, baseline_provenance, baseline_record, cluster_probe_record, model_record, resume_or_refuse,
+)
 from pipeline.store.provenance import differences, fingerprint
 from pipeline.tokens import sample_tokens
 from pipeline.viz import save_history_figure
@@ -196,7 +199,8 @@ def run_fit(settings: FitSettings, progress: bool = True, stop_after_epochs: int
         if head is not None:
             provenance["head"] = {key: head[key] for key in ("head_type", "source", "fingerprint")}
         partial = settings.out.with_name(settings.out.name + ".partial")
-        existing = _existing_run(settings, recipe, partial, provenance)
+        existing = resume_or_refuse((settings.out, partial), recipe, provenance, provenance_key="provenance",
+                                    overwrite=settings.overwrite)
         if existing is not None and existing.get("complete"):
             restored = _restore_companions(settings, features, settings.init_recipe(holdout), existing, head)
             return FitSummary(settings.out, 0, existing["history"][-1]["loss"],
@@ -231,27 +235,6 @@ def run_fit(settings: FitSettings, progress: bool = True, stop_after_epochs: int
     return FitSummary(settings.out, epochs_run, last["loss"], last["labelled_fraction"], time.perf_counter() - started)
 
 
-def _existing_run(settings: FitSettings, recipe: dict[str, Any], partial: Path,
-                  provenance: dict[str, Any]) -> dict[str, Any] | None:
-    """A finished model or resumable partial made with the same recipe and inputs; refuse anything else."""
-    for path in (settings.out, partial):
-        if not path.exists():
-            continue
-        if settings.overwrite:
-            path.unlink()
-            continue
-        try:
-            checkpoint = load_checkpoint(path)
-        except PipelineError as error:
-            raise PipelineError(f"{error}; rerun with --overwrite to replace it") from None
-        changed = differences(checkpoint["recipe"], recipe) + differences(checkpoint["provenance"], provenance)
-        if changed:
-            raise PipelineError(f"{path}: made with different settings: {'; '.join(changed[:3])}; "
-                                "rerun with --overwrite to replace it")
-        return checkpoint
-    return None
-
-
 def _baseline(settings: FitSettings, features: FeatureFile, indices: np.ndarray, recipe: dict[str, Any],
               gpu: bool = False, fitted_init: torch.Tensor | None = None) -> np.ndarray:
     """PCA of a seeded token subsample → spherical k-means (on faiss-gpu when `gpu`): the paper's Baseline,
@@ -284,9 +267,8 @@ def _stored_baseline(settings: FitSettings, features: FeatureFile, recipe: dict[
         checkpoint = load_checkpoint(path)
     except PipelineError:
         return None
-    provenance = {"features": features.provenance, "package_version": __version__}
-    if (checkpoint.get("kind") != "baseline" or differences(checkpoint.get("recipe", {}), recipe)
-            or differences(checkpoint.get("provenance", {}), provenance)):
+    if (checkpoint.get("kind") != BASELINE_KIND or differences(checkpoint.get("recipe", {}), recipe)
+            or differences(checkpoint.get("provenance", {}), baseline_provenance(features.provenance))):
         return None
     return checkpoint["init"]
 
@@ -301,13 +283,7 @@ def _keep_baseline(settings: FitSettings, features: FeatureFile, recipe: dict[st
 
 
 def _save_baseline(settings: FitSettings, features: FeatureFile, recipe: dict[str, Any], init: torch.Tensor) -> None:
-    prototypes = {"direction": init, "gain": torch.ones(settings.classes)}
-    save_checkpoint(baseline_path(settings), {
-        "kind": "baseline", "complete": True, "recipe": recipe,
-        "provenance": {"features": features.provenance, "package_version": __version__},
-        "features_provenance": features.provenance, "init": init, "momentum": prototypes,
-        "running": prototypes, "history": [],
-    })
+    save_checkpoint(baseline_path(settings), baseline_record(recipe, features.provenance, init))
 
 
 def _restore_companions(settings: FitSettings, features: FeatureFile, recipe: dict[str, Any],
@@ -354,13 +330,8 @@ def _cluster_probe(settings: FitSettings, features: FeatureFile, head: dict[str,
     clusters = head["clusters"].to(torch.float32)
     if len(clusters) != settings.classes:
         raise PipelineError(f"--classes {settings.classes}: the head's cluster probe has {len(clusters)} clusters")
-    probe = {"direction": clusters, "gain": torch.full((len(clusters),), CLUSTER_PROBE_GAIN)}
-    save_checkpoint(baseline_path(settings), {
-        "kind": "cluster-probe", "complete": True, "recipe": {"classes": settings.classes},
-        "provenance": {"features": features.provenance, "head": head["fingerprint"], "package_version": __version__},
-        "features_provenance": features.provenance, "init": clusters, "momentum": probe, "running": probe,
-        "history": [], "head": head,
-    })
+    save_checkpoint(baseline_path(settings),
+                    cluster_probe_record(settings.classes, features.provenance, head, clusters, CLUSTER_PROBE_GAIN))
     return clusters.numpy()
 
 
@@ -420,12 +391,6 @@ def _read_batch(features: FeatureFile, masks: Path, records: dict[str, mask_stor
 
 def _save(path: Path, recipe: dict[str, Any], provenance: dict[str, Any], init: np.ndarray, em: PrimapsEM,
           history: list[dict[str, Any]], head: dict[str, Any] | None, complete: bool) -> None:
-    state = em.state_dict()
-    save_checkpoint(path, {
-        "kind": "primaps-em", "complete": complete, "recipe": recipe, "provenance": provenance,
-        "logits": "cosine" if em.config.cosine else "raw",
-        "features_provenance": provenance["features"], "init": torch.as_tensor(init, dtype=torch.float32),
-        "momentum": {key: value.cpu() for key, value in state["momentum"].items()},
-        "running": {key: value.cpu() for key, value in state["running"].items()},
-        "em": state, "history": history, "head": head,
-    })
+    save_checkpoint(path, model_record(recipe=recipe, provenance=provenance, logits="cosine" if em.config.cosine else "raw",
+                                       init=torch.as_tensor(init, dtype=torch.float32), state=em.state_dict(),
+                                       history=history, head=head, complete=complete))

@@ -21,24 +21,21 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from pipeline import __version__
 from pipeline.backbones.checkpoint import sha256_file
 from pipeline.backbones.registry import get_spec
 from pipeline.device import resolve_device
-from pipeline.em.initialisation import pca_directions, spherical_kmeans
 from pipeline.errors import PipelineError
-from pipeline.heads import build_head
 from pipeline.heads.neighbours import global_descriptor, nearest_images
 from pipeline.heads.registry import get_head_spec
-from pipeline.heads.stego import ClusterProbe, SegmentationHead
-from pipeline.heads.stego_loss import CorrelationConfig, contrastive_correlation_loss
+from pipeline.heads.stego_loss import CorrelationConfig
+from pipeline.heads.trainer import HeadTrainer, epoch_batches, kmeans_probe, neighbour_partners
 from pipeline.progress import progress_bar
 from pipeline.ranges import check_ranges
-from pipeline.store.checkpoints import load_checkpoint, save_checkpoint
+from pipeline.store.checkpoints import save_checkpoint
 from pipeline.store.features import FeatureFile
-from pipeline.store.heads import HEAD_KIND, require_head_matches_features
+from pipeline.store.heads import imported_head_record, require_head_matches_features, trained_head_record
 from pipeline.store.knn import read_neighbours, write_neighbours
-from pipeline.store.provenance import differences
+from pipeline.store.models import resume_or_refuse
 from pipeline.tokens import dataset_mean_token, sample_tokens
 
 PROBES = ("kmeans", "online")
@@ -48,8 +45,7 @@ beside the head by hard-assignment gradient steps from random centroids, whose u
 (on CamVid it kept 5–7 of 11 clusters alive)."""
 
 PROBE_SAMPLES = 200_000
-PROBE_ITERATIONS = 100
-"""Token sample and k-means iterations of the `kmeans` probe: the fit's Baseline defaults."""
+"""Tokens whose code the `kmeans` probe clusters: the fit's Baseline default."""
 
 
 @dataclass(frozen=True)
@@ -128,13 +124,16 @@ def run_train_head(settings: TrainHeadSettings, progress: bool = True,
         center = dataset_mean_token(features) if center_rule == "dataset_mean" else None
         recipe = settings.recipe(center_rule)
         partial = settings.out.with_name(settings.out.name + ".partial")
-        existing = _existing(settings, partial, recipe, features.provenance)
+        existing = resume_or_refuse((settings.out, partial), recipe, features.provenance,
+                                    provenance_key="features_provenance", overwrite=settings.overwrite)
         if existing is not None and existing.get("complete"):
             return HeadSummary(settings.out, 0, existing["history"][-1], time.perf_counter() - started)
         indices = features.valid_indices()
         neighbours = _neighbours(settings, features, indices, center, center_rule)
         device = resolve_device(settings.device)
-        trainer = _Trainer(settings, features.dim, device)
+        trainer = HeadTrainer(feature_dim=features.dim, code_dim=settings.code_dim, clusters=settings.clusters,
+                              correlation=settings.correlation(), learning_rate=settings.learning_rate,
+                              probe_learning_rate=settings.probe_learning_rate, seed=settings.seed, device=device)
         history: list[dict[str, float]] = []
         if existing is not None:
             trainer.load_state_dict(existing["training"])
@@ -142,14 +141,14 @@ def run_train_head(settings: TrainHeadSettings, progress: bool = True,
         last_epoch = settings.epochs if stop_after_epochs is None else min(settings.epochs,
                                                                            len(history) + stop_after_epochs)
         center_tensor = torch.from_numpy(center.astype(np.float32)).to(device) if center is not None else None
-        steps = len(_batches(indices, settings, 0))
+        steps = len(epoch_batches(indices, settings.batch_size, settings.seed, 0))
         bar = progress_bar(total=settings.epochs * steps, initial=len(history) * steps, desc="head",
                            unit="batch", enabled=progress)
         with bar:
             for epoch in range(len(history), last_epoch):
                 totals: dict[str, float] = {}
-                for batch in _batches(indices, settings, epoch):
-                    partners = _partners(neighbours, indices, batch, settings, epoch)
+                for batch in epoch_batches(indices, settings.batch_size, settings.seed, epoch):
+                    partners = neighbour_partners(neighbours, indices, batch, settings.seed, epoch)
                     losses = trainer.step(_tokens(features, batch, device), _tokens(features, partners, device),
                                           center_tensor)
                     for key, value in losses.items():
@@ -157,99 +156,16 @@ def run_train_head(settings: TrainHeadSettings, progress: bool = True,
                     bar.set_postfix(epoch=f"{epoch + 1}/{settings.epochs}", loss=f"{losses['loss']:.4f}", refresh=False)
                     bar.update()
                 history.append({"epoch": epoch + 1, **totals})
-                _save(partial, settings, recipe, features.provenance, trainer, history, complete=False)
+                _save(partial, recipe, features.provenance, trainer, history, complete=False)
         if len(history) == settings.epochs:
-            clusters = _final_probe(settings, features, indices, trainer)
-            _save(settings.out, settings, recipe, features.provenance, trainer, history, complete=True,
+            clusters = (trainer.online_clusters() if settings.probe == "online" else
+                        kmeans_probe(trainer.head_state(), sample_tokens(features, PROBE_SAMPLES, settings.seed, indices),
+                                     settings.clusters, settings.seed))
+            _save(settings.out, recipe, features.provenance, trainer, history, complete=True,
                   clusters=clusters)
             partial.unlink(missing_ok=True)
     epochs_run = len(history) - (len(existing["history"]) if existing else 0)
     return HeadSummary(settings.out, epochs_run, history[-1] if history else {}, time.perf_counter() - started)
-
-
-class _Trainer:
-    """The head, its cluster probe, their optimisers and every random stream, so that a resumed run continues
-    exactly as an uninterrupted one (dropout draws from torch's global generator, sampling from its own)."""
-
-    def __init__(self, settings: TrainHeadSettings, feature_dim: int, device: torch.device) -> None:
-        torch.manual_seed(settings.seed)
-        self.settings = settings
-        self.config = settings.correlation()
-        self.head = SegmentationHead(feature_dim, settings.code_dim).to(device)
-        self.probe = ClusterProbe(settings.code_dim, settings.clusters).to(device)
-        self.head_optimizer = torch.optim.Adam(self.head.parameters(), lr=settings.learning_rate)
-        self.probe_optimizer = torch.optim.Adam(self.probe.parameters(), lr=settings.probe_learning_rate)
-        self.generator = torch.Generator().manual_seed(settings.seed)
-
-    def step(self, tokens: Tensor, partner_tokens: Tensor, center: Tensor | None) -> dict[str, float]:
-        """One optimisation step on B images and their B sampled neighbours (tokens B×h×w×D)."""
-        self.head.train()
-        code, partner_code = self.head(tokens), self.head(partner_tokens)
-        signal = tokens if center is None else tokens - center
-        partner_signal = partner_tokens if center is None else partner_tokens - center
-        signal = self.head.dropout(signal.permute(0, 3, 1, 2))
-        partner_signal = self.head.dropout(partner_signal.permute(0, 3, 1, 2))
-        losses = contrastive_correlation_loss(signal, partner_signal, code.permute(0, 3, 1, 2),
-                                              partner_code.permute(0, 3, 1, 2), self.config, self.generator)
-        probe_loss = self.probe.loss(code)
-        self.head_optimizer.zero_grad(set_to_none=True)
-        self.probe_optimizer.zero_grad(set_to_none=True)
-        (losses["loss"] + probe_loss).backward()
-        self.head_optimizer.step()
-        self.probe_optimizer.step()
-        return {**{key: value.item() for key, value in losses.items()}, "probe": probe_loss.item()}
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"head": self.head.state_dict(), "probe": self.probe.state_dict(),
-                "head_optimizer": self.head_optimizer.state_dict(), "probe_optimizer": self.probe_optimizer.state_dict(),
-                "generator": self.generator.get_state(), "torch_rng": torch.get_rng_state()}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.head.load_state_dict(state["head"])
-        self.probe.load_state_dict(state["probe"])
-        self.head_optimizer.load_state_dict(state["head_optimizer"])
-        self.probe_optimizer.load_state_dict(state["probe_optimizer"])
-        self.generator.set_state(state["generator"])
-        torch.set_rng_state(state["torch_rng"])
-
-
-def _final_probe(settings: TrainHeadSettings, features: FeatureFile, indices: np.ndarray,
-                 trainer: _Trainer) -> Tensor:
-    """The finished head's cluster centroids: STEGO's online probe, or spherical k-means of the code of a seeded
-    token sample (every centroid then owns part of the split, which the online probe does not guarantee)."""
-    if settings.probe == "online":
-        return trainer.probe.clusters.detach().cpu()
-    sample = torch.from_numpy(sample_tokens(features, PROBE_SAMPLES, settings.seed, indices))
-    head = build_head({key: value.cpu() for key, value in trainer.head.state_dict().items()})
-    with torch.no_grad():
-        code = torch.cat([head(chunk[None, None])[0, 0] for chunk in sample.split(16_384)]).numpy()
-    centroids = spherical_kmeans(code, _probe_start(code, settings.clusters, settings.seed), PROBE_ITERATIONS,
-                                 settings.seed)
-    return torch.from_numpy(centroids)
-
-
-def _probe_start(code: np.ndarray, clusters: int, seed: int) -> np.ndarray:
-    """The code's top principal directions, as the Baseline starts from the tokens' — or, when the code has
-    fewer dimensions than clusters, that many seeded code vectors."""
-    if clusters <= code.shape[1]:
-        return pca_directions(code, clusters)
-    return code[np.random.default_rng(seed).choice(len(code), clusters, replace=False)]
-
-
-def _batches(indices: np.ndarray, settings: TrainHeadSettings, epoch: int) -> list[np.ndarray]:
-    """The epoch's seeded batches; a last batch of one image is dropped (it has no random partner)."""
-    order = np.random.default_rng([settings.seed, epoch]).permutation(indices)
-    batches = [order[start:start + settings.batch_size] for start in range(0, len(order), settings.batch_size)]
-    return [batch for batch in batches if len(batch) >= 2]
-
-
-def _partners(neighbours: np.ndarray, indices: np.ndarray, batch: np.ndarray, settings: TrainHeadSettings,
-              epoch: int) -> np.ndarray:
-    """For each image one of its k nearest neighbours (ranks 1..k, never itself), drawn per epoch and batch."""
-    rng = np.random.default_rng([settings.seed, epoch, int(batch[0]), 2])
-    rows = np.searchsorted(indices, batch)
-    ranks = rng.integers(1, neighbours.shape[1], len(batch))
-    return indices[neighbours[rows, ranks]]
 
 
 def _tokens(features: FeatureFile, batch: np.ndarray, device: torch.device) -> Tensor:
@@ -272,36 +188,13 @@ def _neighbours(settings: TrainHeadSettings, features: FeatureFile, indices: np.
     return neighbours
 
 
-def _existing(settings: TrainHeadSettings, partial: Path, recipe: dict[str, Any],
-              features_provenance: dict[str, Any]) -> dict[str, Any] | None:
-    for path in (settings.out, partial):
-        if not path.exists():
-            continue
-        if settings.overwrite:
-            path.unlink()
-            continue
-        record = load_checkpoint(path)
-        changed = differences(record.get("recipe", {}), recipe) + differences(record.get("features_provenance", {}),
-                                                                                features_provenance)
-        if changed:
-            raise PipelineError(f"{path}: made with different settings: {'; '.join(changed[:3])}; "
-                                "rerun with --overwrite to replace it")
-        return record
-    return None
-
-
-def _save(path: Path, settings: TrainHeadSettings, recipe: dict[str, Any], features_provenance: dict[str, Any],
-          trainer: _Trainer, history: list[dict[str, float]], complete: bool, clusters: Tensor | None = None) -> None:
+def _save(path: Path, recipe: dict[str, Any], features_provenance: dict[str, Any], trainer: HeadTrainer,
+          history: list[dict[str, float]], complete: bool, clusters: Tensor | None = None) -> None:
     """Write a head file; `clusters` (the finished probe) defaults to the online probe's centroids so far."""
-    save_checkpoint(path, {
-        "kind": HEAD_KIND, "complete": complete, "head_type": "stego", "source": "trained",
-        "state": {key: value.cpu() for key, value in trainer.head.state_dict().items()},
-        "clusters": trainer.probe.clusters.detach().cpu() if clusters is None else clusters,
-        "backbone": features_provenance["backbone"],
-        "backbone_tensors_sha256": features_provenance.get("backbone_tensors_sha256"),
-        "features_provenance": features_provenance, "recipe": recipe, "history": history,
-        "training": trainer.state_dict(), "package_version": __version__,
-    })
+    save_checkpoint(path, trained_head_record(
+        state=trainer.head_state(), clusters=trainer.online_clusters() if clusters is None else clusters,
+        features_provenance=features_provenance, recipe=recipe, history=history, training=trainer.state_dict(),
+        complete=complete))
 
 
 @dataclass(frozen=True)
@@ -325,10 +218,7 @@ def run_import_head(settings: ImportHeadSettings) -> str:
         if foreign.feature_dim != features.dim:
             raise PipelineError(f"{settings.checkpoint}: head takes {foreign.feature_dim}-dim tokens, "
                                 f"{settings.features} holds {features.dim}-dim ones")
-    save_checkpoint(settings.out, {
-        "kind": HEAD_KIND, "complete": True, "head_type": spec.name,
-        "source": {"checkpoint": str(settings.checkpoint), "sha256": sha256_file(settings.checkpoint)},
-        "state": foreign.head_state, "clusters": foreign.clusters, **record, "package_version": __version__,
-    })
+    save_checkpoint(settings.out, imported_head_record(spec.name, settings.checkpoint, sha256_file(settings.checkpoint),
+                                                       foreign.head_state, foreign.clusters, record))
     return (f"head: {settings.out}: {spec.name} head {foreign.feature_dim} → {foreign.code_dim} dims, "
             f"{len(foreign.clusters)} clusters, backbone {foreign.backbone}")

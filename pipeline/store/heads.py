@@ -12,10 +12,33 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from torch import Tensor
+
+from pipeline import __version__
 from pipeline.errors import PipelineError
 from pipeline.store.checkpoints import load_checkpoint
 
 HEAD_KIND = "head"
+
+
+def trained_head_record(*, state: dict[str, Tensor], clusters: Tensor, features_provenance: dict[str, Any],
+                        recipe: dict[str, Any], history: list[dict[str, float]], training: dict[str, Any],
+                        complete: bool) -> dict[str, Any]:
+    """A STEGO head trained here (finished, or a resumable partial with its optimiser and random streams)."""
+    return {"kind": HEAD_KIND, "complete": complete, "head_type": "stego", "source": "trained", "state": state,
+            "clusters": clusters, "backbone": features_provenance["backbone"],
+            "backbone_tensors_sha256": features_provenance.get("backbone_tensors_sha256"),
+            "features_provenance": features_provenance, "recipe": recipe, "history": history, "training": training,
+            "package_version": __version__}
+
+
+def imported_head_record(head_type: str, checkpoint: Path, checkpoint_sha256: str, state: dict[str, Tensor],
+                         clusters: Tensor, backbone: dict[str, Any]) -> dict[str, Any]:
+    """A released STEGO / HP checkpoint's head and clusters, with the backbone (`backbone`,
+    `backbone_tensors_sha256`) it was trained on."""
+    return {"kind": HEAD_KIND, "complete": True, "head_type": head_type,
+            "source": {"checkpoint": str(checkpoint), "sha256": checkpoint_sha256}, "state": state,
+            "clusters": clusters, **backbone, "package_version": __version__}
 
 
 def load_head(path: str | Path) -> dict[str, Any]:

@@ -1,0 +1,87 @@
+"""Model files as `fit` and `head` write them: the PriMaPs-EM model, its Baseline, a head's cluster probe and the
+head files, and the one rule by which a rerun resumes an unfinished file or refuses one made otherwise.
+
+Every file is a checkpoint (store/checkpoints.py) whose `kind` names its layout:
+- `primaps-em`: θ_M (`momentum`) and θ_R (`running`) prototypes, their start (`init`), the EM state for resuming
+  (`em`), the per-epoch `history`, the `recipe` and input `provenance`, the embedded `head` for a fit on a head's code;
+- `baseline`: the PCA + k-means start as a model of its own (θ_M = θ_R = init, gain 1, scored on cosines);
+- `cluster-probe`: a head's cluster-probe centroids as a model (gain 2, cosines), for a fit on that head's code;
+- `head` (store/heads.py): a segmentation head and its clusters.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pipeline import __version__
+from pipeline.errors import PipelineError
+from pipeline.store.checkpoints import load_checkpoint
+from pipeline.store.provenance import differences
+
+MODEL_KIND = "primaps-em"
+BASELINE_KIND = "baseline"
+PROBE_KIND = "cluster-probe"
+
+
+def _prototypes(directions: torch.Tensor, gain: float) -> dict[str, torch.Tensor]:
+    return {"direction": directions, "gain": torch.full((len(directions),), gain)}
+
+
+def baseline_record(recipe: dict[str, Any], features_provenance: dict[str, Any], init: torch.Tensor) -> dict[str, Any]:
+    """A Baseline file: the fit's start, which depends on the features and the init recipe only."""
+    prototypes = _prototypes(init, 1.0)
+    return {"kind": BASELINE_KIND, "complete": True, "recipe": recipe,
+            "provenance": baseline_provenance(features_provenance), "features_provenance": features_provenance,
+            "init": init, "momentum": prototypes, "running": prototypes, "history": []}
+
+
+def baseline_provenance(features_provenance: dict[str, Any]) -> dict[str, Any]:
+    """What a Baseline file must have been made from to be reused."""
+    return {"features": features_provenance, "package_version": __version__}
+
+
+def cluster_probe_record(classes: int, features_provenance: dict[str, Any], head: dict[str, Any],
+                         clusters: torch.Tensor, gain: float) -> dict[str, Any]:
+    """A head's cluster probe as a model file: its own segmentation, and a fit's start on the head's code."""
+    probe = _prototypes(clusters, gain)
+    return {"kind": PROBE_KIND, "complete": True, "recipe": {"classes": classes},
+            "provenance": {"features": features_provenance, "head": head["fingerprint"], "package_version": __version__},
+            "features_provenance": features_provenance, "init": clusters, "momentum": probe, "running": probe,
+            "history": [], "head": head}
+
+
+def model_record(*, recipe: dict[str, Any], provenance: dict[str, Any], logits: str, init: torch.Tensor,
+                 state: dict[str, Any], history: list[dict[str, Any]], head: dict[str, Any] | None,
+                 complete: bool) -> dict[str, Any]:
+    """A PriMaPs-EM model file (finished, or a resumable partial one) from the EM state (PrimapsEM.state_dict)."""
+    return {"kind": MODEL_KIND, "complete": complete, "recipe": recipe, "provenance": provenance, "logits": logits,
+            "features_provenance": provenance["features"], "init": init,
+            "momentum": {key: value.cpu() for key, value in state["momentum"].items()},
+            "running": {key: value.cpu() for key, value in state["running"].items()},
+            "em": state, "history": history, "head": head}
+
+
+def resume_or_refuse(paths: tuple[Path, ...], recipe: dict[str, Any], provenance: dict[str, Any], *,
+                     provenance_key: str, overwrite: bool) -> dict[str, Any] | None:
+    """The first of `paths` (a finished file, then its partial) that exists, when it was made with this recipe from
+    these inputs (its `provenance_key` entry): a rerun then finishes or reuses it. Anything else is refused in one
+    line, unless `overwrite`, which deletes them. None when there is nothing to resume."""
+    for path in paths:
+        if not path.exists():
+            continue
+        if overwrite:
+            path.unlink()
+            continue
+        try:
+            record = load_checkpoint(path)
+        except PipelineError as error:
+            raise PipelineError(f"{error}; rerun with --overwrite to replace it") from None
+        changed = differences(record.get("recipe", {}), recipe) + differences(record.get(provenance_key, {}), provenance)
+        if changed:
+            raise PipelineError(f"{path}: made with different settings: {'; '.join(changed[:3])}; "
+                                "rerun with --overwrite to replace it")
+        return record
+    return None
