@@ -7,11 +7,18 @@ from pathlib import Path
 import click
 
 from pipeline import __version__
+from pipeline.backbones.registry import BACKBONES, IMGFOCUS
+from pipeline.data.registry import DATASETS
 from pipeline.device import DEVICE_CHOICES
 from pipeline.em.vote import VOTE_RULES
 from pipeline.errors import PipelineError
+from pipeline.heads.registry import HEADS
+from pipeline.heads.trainer import PROBES
+from pipeline.parallel import BACKENDS
 from pipeline.params import load_section
+from pipeline.primaps import SIGN_RULES
 from pipeline.ranges import allowed
+from pipeline.tokens import CENTERS
 
 
 class _Group(click.Group):
@@ -92,11 +99,12 @@ def main() -> None:
 @main.command()
 @params_option
 @click.option("--dataset", required=True,
-              help="Reader: folder, labelled_folder, sample, camvid, cityscapes, cocostuff27, potsdam3.")
+              type=click.Choice(DATASETS), help="Dataset reader (see the README's dataset table).")
 @click.option("--root", type=_OrWord(click.Path(file_okay=False), "none"), default="none",
               help="Dataset root (not needed for `sample`).")
 @click.option("--split", default="train", help="Dataset split (train, val, ...).")
-@click.option("--backbone", default="dinov2_vits14_imgfocus", help="Backbone registry name.")
+@click.option("--backbone", type=click.Choice(tuple(BACKBONES)), default=IMGFOCUS,
+              help="Backbone (docs/backbones.md); the default needs no weights file.")
 @click.option("--weights", type=_OrWord(click.Path(dir_okay=False, exists=True), "none"), default="none",
               help="Local official checkpoint (.pth) for DINO / DINOv2 / DINOv3 backbones.")
 @click.option("--resolution", type=_OrWord(allowed("extract", "resolution", integer=True), "auto"), default="auto",
@@ -131,19 +139,19 @@ def extract(**options) -> None:
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Mask directory (PNGs + index).")
 @click.option("--psi", type=_OrWord(allowed("propose", "psi"), "auto"), default="auto",
               help="Cosine threshold ψ (fraction of the best match). Default: 0.8 for DINOv2, 0.4 for DINO.")
-@click.option("--center", type=click.Choice(["auto", "none", "dataset_mean"]), default="auto",
+@click.option("--center", type=click.Choice(("auto", *CENTERS)), default="auto",
               help="Subtract the split's mean token before PCA and cosine (none = the paper's rule). "
                    "Default: dataset_mean for DINOv2, none for DINO.")
 @click.option("--stop-fraction", type=allowed("propose", "stop_fraction"), default=0.95,
               help="Stop once this fraction of tokens is assigned.")
-@click.option("--sign-rule", type=click.Choice(["mean", "reference"]), default="mean",
+@click.option("--sign-rule", type=click.Choice(SIGN_RULES), default="mean",
               help="Sign of each principal direction: mean = the available tokens' mean projects positively; "
                    "reference = the first available token projects negatively (what the authors' code returns).")
 @click.option("--crf/--no-crf", default=True, help="Dense-CRF refinement of the masks.")
 @click.option("--crf-iterations", type=allowed("propose", "crf_iterations", integer=True), default=10)
 @click.option("--workers", type=allowed("propose", "workers", integer=True), default=1,
               help="Parallel workers (processes for loky and dask).")
-@click.option("--backend", type=click.Choice(["loky", "threading", "dask"]), default="loky")
+@click.option("--backend", type=click.Choice(BACKENDS), default="loky")
 @click.option("--scheduler", default=None, help="Dask scheduler address (tcp://host:port); with --backend dask.")
 @click.option("--timeout", type=allowed("propose", "timeout"), default=600.0,
               help="Seconds one image may take before it is recorded as failed.")
@@ -254,7 +262,7 @@ def fit(**options) -> None:
               help="Score only the images named in this text file (one per line), e.g. a fold `fit --holdout` left out.")
 @click.option("--crf/--no-crf", default=False, help="Also score CRF-refined predictions.")
 @click.option("--workers", type=allowed("evaluate", "workers", integer=True), default=1, help="CRF workers.")
-@click.option("--backend", type=click.Choice(["loky", "threading", "dask"]), default="loky")
+@click.option("--backend", type=click.Choice(BACKENDS), default="loky")
 def evaluate(model, features, out, baseline, extra_models, images, crf, workers, backend) -> None:
     """Dataset-level Hungarian accuracy and mIoU, with and without CRF; writes metrics.json."""
     from stages.evaluate import EvaluateSettings, run_evaluate
@@ -363,7 +371,7 @@ def report(features, masks, model, metrics, baseline, extra_models, images, samp
 @click.option("--checkpoint", type=_OrWord(click.Path(dir_okay=False, exists=True), "none"), default="none",
               help="Import this released STEGO .ckpt or HP ckpt.pth (read without running pickled code) instead "
                    "of training a head.")
-@click.option("--type", "head_type", type=click.Choice(["stego", "hp"]), default="stego",
+@click.option("--type", "head_type", type=click.Choice(tuple(HEADS)), default="stego",
               help="Family of --checkpoint.")
 @click.option("--clusters", "-k", type=allowed("head", "clusters", integer=True), default=None, help="Clusters of the cluster probe (the fit's K; training).")
 @click.option("--neighbours-out", type=_OrWord(click.Path(dir_okay=False), "auto"), default="auto",
@@ -378,9 +386,9 @@ def report(features, masks, model, metrics, baseline, extra_models, images, samp
 @click.option("--feature-samples", type=allowed("head", "feature_samples", integer=True), default=11, help="Sample points per side (S×S per image).")
 @click.option("--neg-samples", type=allowed("head", "neg_samples", integer=True), default=5, help="Random-partner rounds per step.")
 @click.option("--neighbours", type=allowed("head", "neighbours", integer=True), default=7, help="k of the nearest neighbours a partner is drawn from.")
-@click.option("--center", type=click.Choice(["auto", "none", "dataset_mean"]), default="auto",
+@click.option("--center", type=click.Choice(("auto", *CENTERS)), default="auto",
               help="Subtract the split's mean token before feature correlations (auto: as propose, per backbone).")
-@click.option("--probe", type=click.Choice(["kmeans", "online"]), default="kmeans",
+@click.option("--probe", type=click.Choice(PROBES), default="kmeans",
               help="Cluster probe of the finished head: spherical k-means of its code (every cluster used), or "
                    "STEGO's probe trained online beside the head.")
 @click.option("--epochs", type=allowed("head", "epochs", integer=True), default=40,

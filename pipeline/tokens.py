@@ -6,6 +6,10 @@ import numpy as np
 
 from pipeline.store.features import FeatureFile
 
+CENTERS = ("none", "dataset_mean")
+"""What is subtracted from the tokens before cosines are taken (PriMaPs' masks, a head's feature correlations):
+nothing (the paper), or the split's mean token (dataset_mean_token)."""
+
 
 def sample_tokens(features: FeatureFile, count: int, seed: int, indices: np.ndarray | None = None) -> np.ndarray:
     """About `count` clean tokens (float32 N×C) drawn evenly from every image of `indices` (default: the split's

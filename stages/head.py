@@ -28,7 +28,7 @@ from pipeline.errors import PipelineError
 from pipeline.heads.neighbours import global_descriptor, nearest_images
 from pipeline.heads.registry import get_head_spec
 from pipeline.heads.stego_loss import CorrelationConfig
-from pipeline.heads.trainer import HeadTrainer, epoch_batches, kmeans_probe, neighbour_partners
+from pipeline.heads.trainer import PROBES, HeadTrainer, epoch_batches, kmeans_probe, neighbour_partners
 from pipeline.progress import progress_bar
 from pipeline.ranges import check_ranges
 from pipeline.store.checkpoints import save_checkpoint
@@ -37,12 +37,6 @@ from pipeline.store.heads import imported_head_record, require_head_matches_feat
 from pipeline.store.knn import read_neighbours, write_neighbours
 from pipeline.store.models import resume_or_refuse
 from pipeline.tokens import dataset_mean_token, sample_tokens
-
-PROBES = ("kmeans", "online")
-"""How the finished head's cluster probe is made: `kmeans` (default) re-fits it once training ends as spherical
-k-means of the code (PCA start, as the Baseline is made from the tokens); `online` keeps STEGO's probe, trained
-beside the head by hard-assignment gradient steps from random centroids, whose unused centroids never move
-(on CamVid it kept 5–7 of 11 clusters alive)."""
 
 PROBE_SAMPLES = 200_000
 """Tokens whose code the `kmeans` probe clusters: the fit's Baseline default."""
