@@ -257,8 +257,8 @@ def main() -> None:
     rss_before = max_rss_mib()
     with tempfile.TemporaryDirectory(prefix="bench_fit_") as scratch, FitProfiler(args.epochs - 1) as profiler:
         settings = FitSettings(features=args.features, masks=args.masks, classes=args.classes,
-                               out=Path(scratch) / "em.pt", epochs=args.epochs, batch_size=args.batch_size,
-                               device=args.device)
+                               out=Path(scratch) / "em.pt", epochs=args.epochs, device=args.device,
+                               overrides={"batch_size": args.batch_size})
         started = time.perf_counter()
         run_fit(settings, progress=False)
         fit_seconds = time.perf_counter() - started

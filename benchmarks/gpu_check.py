@@ -54,6 +54,8 @@ TOKEN_COSINE_MIN = 0.999
 TOKEN_ABS_MAX = 0.02
 KMEANS_AGREEMENT_MIN = 0.99
 FIT_WEIGHT_MAX = 1e-3
+SMALL_BASELINE = {"init_samples": 20_000, "kmeans_iterations": 20}
+"""A quick Baseline for the timed fits (the recipe keys `init_samples`, `kmeans_iterations`)."""
 
 
 def token_parity(reference: np.ndarray, other: np.ndarray) -> dict[str, float]:
@@ -112,7 +114,7 @@ def check_fit(train: Path, masks: Path, work: Path, classes: int, device: torch.
         out = work / f"fit_{name}.pt"
         started = time.perf_counter()
         run_fit(FitSettings(features=train, masks=masks, classes=classes, out=out, baseline_out=work / "baseline.pt",
-                            epochs=2, batch_size=8, init_samples=20_000, kmeans_iterations=20, device=fit_device),
+                            epochs=2, device=fit_device, overrides=SMALL_BASELINE | {"batch_size": 8}),
                 progress=False)
         checkpoint = load_checkpoint(out)
         runs[name] = (load_segmenter(checkpoint).prototypes.weight().detach().numpy(), checkpoint["history"],
@@ -139,12 +141,12 @@ def time_extract(crops: np.ndarray, device: torch.device, batch: int, repeats: i
 def time_fit_epoch(train: Path, masks: Path, work: Path, classes: int, device: torch.device,
                    images: int, extract_rate: float) -> dict[str, float]:
     out = work / "fit_timed.pt"
-    run_fit(FitSettings(features=train, masks=masks, classes=classes, out=out, epochs=1, batch_size=32,
-                        init_samples=20_000, kmeans_iterations=20, device=device.type), progress=False)
+    run_fit(FitSettings(features=train, masks=masks, classes=classes, out=out, epochs=1, device=device.type,
+                        overrides=SMALL_BASELINE), progress=False)
     started = time.perf_counter()
     run_fit(FitSettings(features=train, masks=masks, classes=classes, out=work / "fit_timed2.pt",
-                        baseline_out=out.with_name("fit_timed.baseline.pt"), epochs=1, batch_size=32,
-                        init_samples=20_000, kmeans_iterations=20, device=device.type), progress=False)
+                        baseline_out=out.with_name("fit_timed.baseline.pt"), epochs=1, device=device.type,
+                        overrides=SMALL_BASELINE), progress=False)
     epoch = time.perf_counter() - started
     online = 2 * images / extract_rate
     return {"fit_epoch_seconds": epoch, "two_forward_passes_seconds": online, "ratio": epoch / online}

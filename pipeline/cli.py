@@ -10,7 +10,7 @@ from pipeline import __version__
 from pipeline.backbones.registry import BACKBONES, IMGFOCUS
 from pipeline.data.registry import DATASETS
 from pipeline.device import DEVICE_CHOICES
-from pipeline.em.vote import VOTE_RULES
+from pipeline.em.config import DEFAULT_RECIPES, RECIPES, describe, parse_assignment
 from pipeline.errors import PipelineError
 from pipeline.heads.registry import HEADS
 from pipeline.heads.trainer import PROBES
@@ -37,19 +37,22 @@ def _load_params(ctx: click.Context, parameter: click.Parameter, value: str | No
     if not value:
         return
     path, _, section = value.partition(":")
-    try:
-        settings = load_section(path, section or ctx.command.name)
-    except PipelineError as error:
-        raise click.BadParameter(str(error)) from None
     destinations = {}
     for option in ctx.command.params:
         flags = [flag[2:].replace("-", "_") for flag in getattr(option, "opts", []) if flag.startswith("--")]
         destinations.update({key: option.name for key in (option.name, *flags)})
+    options = {option.name: option for option in ctx.command.params}
+    multiple = frozenset(key for key, name in destinations.items() if getattr(options[name], "multiple", False))
+    try:
+        settings = load_section(path, section or ctx.command.name, multiple)
+    except PipelineError as error:
+        raise click.BadParameter(str(error)) from None
     unknown = sorted(set(settings) - set(destinations))
     if unknown:
         raise click.BadParameter(f"{path}: unknown keys for `{ctx.command.name}`: {', '.join(unknown)}")
-    options = {option.name: option for option in ctx.command.params}
-    for key, setting in settings.items():
+    for key, setting in list(settings.items()):
+        if key in multiple and isinstance(setting, dict):
+            settings[key] = setting = [f"{name}={value}" for name, value in setting.items()]
         try:
             options[destinations[key]].type_cast_value(ctx, setting)
         except click.BadParameter as error:
@@ -74,6 +77,14 @@ class _OrWord(click.ParamType):
 
     def get_metavar(self, param, ctx=None) -> str:
         return f"[{self.inner.name.upper()}|{self.word}]"
+
+
+def _recipe_overrides(ctx: click.Context, parameter: click.Parameter, values: tuple[str, ...]) -> dict:
+    """`--set KEY=VALUE` options → {KEY: typed VALUE}, each checked against its recipe key (a usage error if not)."""
+    try:
+        return dict(parse_assignment(value) for value in values)
+    except PipelineError as error:
+        raise click.BadParameter(str(error)) from None
 
 
 def _named_path(text: str) -> tuple[str, Path]:
@@ -194,50 +205,12 @@ def propose(features, out, psi, center, stop_fraction, sign_rule, crf, crf_itera
               help="Text file of image names (one per line) left out of the fit, e.g. a cross-validation fold "
                    "to score with `evaluate --images`.")
 @click.option("--epochs", type=allowed("fit", "epochs", integer=True), default=40,
-              help="Passes over the training split (40: chosen by the training-fold protocol on CamVid and MSRC-21).")
-@click.option("--batch-size", type=allowed("fit", "batch_size", integer=True), default=32)
-@click.option("--learning-rate", type=allowed("fit", "learning_rate"), default=2e-3,
-              help="Adam learning rate (the paper: 5e-3).")
-@click.option("--ema-every", type=allowed("fit", "ema_every", integer=True), default=1,
-              help="Steps between EMA updates of θ_M (the paper: 10; 1 chosen by the training-fold protocol, README).")
-@click.option("--head-ema-every", type=allowed("fit", "head_ema_every", integer=True), default=10,
-              help="--ema-every for a fit on a head's code (10: chosen by the same protocol on STEGO's code).")
-@click.option("--ema-max-decay", type=allowed("fit", "ema_max_decay"), default=0.9,
-              help="Cap of θ_M's EMA decay (the paper: 0.98; 0.9 chosen by the training-fold protocol, README).")
-@click.option("--head-ema-max-decay", type=allowed("fit", "head_ema_max_decay"), default=0.98,
-              help="--ema-max-decay for a fit on a head's code (0.98, the paper's: 0.9 lost on STEGO's code, README).")
-@click.option("--gamma", type=allowed("fit", "gamma"), default=2.0, help="Focal exponent of the class weights.")
-@click.option("--min-share", type=allowed("fit", "min_share"), default=0.0,
-              help="Drop a mask's vote when its majority class covers less than this share (0 = the paper, the default).")
-@click.option("--teacher-fallback/--no-teacher-fallback", default=True,
-              help="Label pixels the vote leaves out with θ_M's own class instead of ignoring them (off = the paper).")
-@click.option("--vote-balance", type=allowed("fit", "vote_balance"), default=0.5,
-              help="E-step: divide a class's votes in a mask by its batch share^τ, so a small class can win a mask "
-                   "it over-represents (0 = the paper's plain count; 0.5 chosen by the training-fold protocol).")
-@click.option("--head-vote-balance", type=allowed("fit", "head_vote_balance"), default=0.0,
-              help="--vote-balance for a fit on a head's code (0: τ 0.5 lost on CamVid's training folds).")
-@click.option("--keep-share", type=allowed("fit", "keep_share"), default=0.3,
-              help="E-step: a pixel whose class covers at least this share of its mask keeps it; smaller classes take "
-                   "the mask's vote (1 = the paper's one class per mask; 0.3 chosen by the training-fold protocol).")
-@click.option("--head-keep-share", type=allowed("fit", "head_keep_share"), default=1.0,
-              help="--keep-share for a fit on a head's code (1: 0.3 gained nothing on STEGO's code, README).")
-@click.option("--vote", type=click.Choice(VOTE_RULES), default="majority",
-              help="E-step rule. majority = the paper's most frequent class per mask; transport = one class per "
-                   "mask, chosen so that every class keeps θ_M's share of the masked pixels; restore = the majority "
-                   "vote, then a class left below θ_M's count keeps its own pixels where it covers most of a mask.")
-@click.option("--mask-weighting", type=allowed("fit", "mask_weighting"), default=1.0,
-              help="M-step pixel weight |mask|^-w: 1 weighs every proposal alike, 0 every pixel alike (the paper).")
-@click.option("--head-mask-weighting", type=allowed("fit", "head_mask_weighting"), default=0.0,
-              help="--mask-weighting for a fit on a head's code (0, the paper's: chosen on STEGO's code, README).")
-@click.option("--logits", type=click.Choice(["raw", "cosine"]), default="raw",
-              help="Prototype scores on raw features (the paper) or on L2-normalised ones, starting at the initial "
-                   "model's gain (a head's cluster probe: 2, as it scores; the Baseline: 1).")
-@click.option("--augmented-student/--clean-student", default=True,
-              help="M-step on one of the cached augmented views (when extract cached some) or on the clean view.")
-@click.option("--init-samples", type=allowed("fit", "init_samples", integer=True), default=200_000,
-              help="Tokens sampled for the PCA + k-means Baseline.")
-@click.option("--kmeans-iterations", type=allowed("fit", "kmeans_iterations", integer=True), default=100,
-              help="Spherical k-means iterations (converged by 100).")
+              help="Passes over the training split (the paper: 50 on Cityscapes).")
+@click.option("--recipe", type=_OrWord(click.Choice(tuple(RECIPES)), "auto"), default="auto",
+              help=f"Named EM recipe (`primaps-pipeline recipes` lists every key and value). auto: "
+                   f"{DEFAULT_RECIPES['tokens']} on raw tokens, {DEFAULT_RECIPES['head']} on a head's code.")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", callback=_recipe_overrides,
+              help="Change one recipe key (repeatable), e.g. --set learning_rate=0.005 --set vote=majority.")
 @click.option("--device", type=click.Choice(DEVICE_CHOICES), default="auto")
 @click.option("--seed", type=allowed("fit", "seed", integer=True), default=0)
 @click.option("--overwrite", is_flag=True, help="Replace a model made with other settings.")
@@ -248,6 +221,13 @@ def fit(**options) -> None:
     for key in ("features", "masks", "out", "baseline_out", "history_out", "holdout", "head"):
         options[key] = Path(options[key]) if options[key] else None
     click.echo(run_fit(FitSettings(**options)).line())
+
+
+@main.command()
+def recipes() -> None:
+    """Every EM recipe key: its value in each named recipe, what it allows and what it means (`fit --recipe`,
+    `fit --set KEY=VALUE`, params.yaml `fit.recipe` and `fit.set`)."""
+    click.echo(describe())
 
 
 @main.command()

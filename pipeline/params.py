@@ -1,7 +1,8 @@
 """params.yaml → option defaults for one CLI command, so DVC stages and hand-typed commands share one code path.
 
 A command run with ``--params params.yaml --section extract.train`` takes its defaults from the scalars of the
-``extract`` mapping, overridden by those of ``extract.train``; options typed on the command line win over both.
+``extract`` mapping, overridden by those of ``extract.train``; options typed on the command line win over both. A
+mapping is a section, except under a key that names an option taking one (``fit.set``: recipe keys and values).
 Keys are the option names with underscores (``batch_size`` for ``--batch-size``).
 """
 
@@ -15,8 +16,9 @@ import yaml
 from pipeline.errors import PipelineError
 
 
-def load_section(path: str | Path, section: str) -> dict[str, Any]:
-    """The merged scalar settings along the dotted `section` path of a params file."""
+def load_section(path: str | Path, section: str, mapping_options: frozenset[str] = frozenset()) -> dict[str, Any]:
+    """The merged settings along the dotted `section` path of a params file: its scalars, and the mappings under a
+    key in `mapping_options` (an option whose value is a mapping, such as `fit.set`); other mappings are sections."""
     path = Path(path)
     try:
         document = yaml.safe_load(path.read_text()) or {}
@@ -30,5 +32,6 @@ def load_section(path: str | Path, section: str) -> dict[str, Any]:
         node = node[part]
         if not isinstance(node, dict):
             raise PipelineError(f"{path}: section {section!r} is not a mapping")
-        settings.update({key: value for key, value in node.items() if not isinstance(value, dict)})
+        settings.update({key: value for key, value in node.items()
+                         if not isinstance(value, dict) or key in mapping_options})
     return settings

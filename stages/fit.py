@@ -11,9 +11,9 @@ from __future__ import annotations
 import json
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Mapping
 
 import numpy as np
 import torch
@@ -23,8 +23,8 @@ from pipeline import __version__
 from pipeline.device import resolve_device
 from pipeline.backbones.checkpoint import tensors_fingerprint
 from pipeline.em.initialisation import faiss_gpus, pca_directions, spherical_kmeans
-from pipeline.em.model import EMConfig, PrimapsEM
-from pipeline.em.vote import VOTE_RULES
+from pipeline.em.config import DEFAULT_RECIPES, RECIPES, EMConfig, resolve
+from pipeline.em.model import PrimapsEM
 from pipeline.errors import PipelineError
 from pipeline.heads import build_head
 from pipeline.heads.stego import SegmentationHead
@@ -48,28 +48,13 @@ from pipeline.viz import save_history_figure
 CLUSTER_PROBE_GAIN = 2.0
 """STEGO's and HP's cluster probes score log_softmax(2·cos) at evaluation (alpha = 2)."""
 
-LOGITS_CHOICES = ("raw", "cosine")
-"""`fit --logits`: prototype scores on raw features (the paper) or on L2-normalised ones."""
-
-HEAD_TWINS = {"ema_every": "head_ema_every", "ema_max_decay": "head_ema_max_decay",
-              "vote_balance": "head_vote_balance", "keep_share": "head_keep_share",
-              "mask_weighting": "head_mask_weighting"}
-"""Settings whose value on a head's code comes from a twin field: the code is another feature space, so the
-training-fold protocol chose them there separately."""
-
-
 @dataclass(frozen=True)
 class FitSettings:
     """Everything `fit` needs; mirrors the CLI options and the `fit` section of params.yaml.
 
-    The defaults are the recipe the training-fold protocol picked on CamVid's and MSRC-21's training splits (README,
-    "Choosing the recipe without val"): lr 2e-3, 40 epochs, every mask weighing the same in the M-step loss, θ_M
-    updated after every step with its decay capped at 0.9, the vote balanced by the classes' batch shares
-    (`vote_balance` 0.5) with a class covering 30% of a mask keeping its pixels (`keep_share` 0.3), and the teacher's
-    own class where no mask lies. On a head's code the HEAD_TWINS fields hold the values the same protocol picked
-    there, which are the paper's (README, "PriMaPs-EM on top of STEGO and HP"). The paper's recipe is
-    learning_rate=5e-3, ema_every=10, ema_max_decay=0.98, vote_balance=0, keep_share=1, teacher_fallback=False,
-    mask_weighting=0.
+    The EM hyper-parameters are a named recipe (pipeline/em/config.py, `primaps-pipeline recipes`) whose single
+    keys `overrides` may change; `recipe` None takes the default recipe for raw tokens, or for a head's code when
+    `head` is given.
     """
 
     features: Path
@@ -81,54 +66,42 @@ class FitSettings:
     holdout: Path | None = None
     head: Path | None = None
     epochs: int = 40
-    batch_size: int = 32
-    learning_rate: float = 2e-3
-    ema_every: int = 1
-    head_ema_every: int = 10
-    ema_max_decay: float = 0.9
-    head_ema_max_decay: float = 0.98
-    gamma: float = 2.0
-    min_share: float = 0.0
-    teacher_fallback: bool = True
-    vote_balance: float = 0.5
-    head_vote_balance: float = 0.0
-    keep_share: float = 0.3
-    head_keep_share: float = 1.0
-    vote: str = "majority"
-    mask_weighting: float = 1.0
-    head_mask_weighting: float = 0.0
-    logits: str = "raw"
-    augmented_student: bool = True
-    init_samples: int = 200_000
-    kmeans_iterations: int = 100
+    recipe: str | None = None
+    overrides: Mapping[str, Any] = field(default_factory=dict)
     device: str = "auto"
     seed: int = 0
     overwrite: bool = False
 
     def __post_init__(self) -> None:
         check_ranges("fit", vars(self))
-        if self.logits not in LOGITS_CHOICES:
-            raise PipelineError(f"--logits {self.logits}: must be one of {', '.join(LOGITS_CHOICES)}")
-        if self.vote not in VOTE_RULES:
-            raise PipelineError(f"--vote {self.vote}: must be one of {', '.join(VOTE_RULES)}")
+        self.em_config()
 
-    def recipe(self, holdout: list[str] | None = None) -> dict[str, Any]:
-        """The settings that change the result (paths, device and overwrite do not; the held-out images do, and of
-        each HEAD_TWINS pair only the one this fit uses: a token fit ignores head_ema_every, a head fit ema_every)."""
-        recipe = asdict(self)
-        unused = [twin if self.head is None else name for name, twin in HEAD_TWINS.items()]
-        for key in ("features", "masks", "out", "baseline_out", "history_out", "head", "device", "overwrite", *unused):
-            recipe.pop(key)
-        recipe["holdout"] = list_fingerprint(holdout)
-        return recipe
+    def overriding(self, **keys: Any) -> "FitSettings":
+        """These settings with more recipe keys overridden (library callers' `--set`)."""
+        return replace(self, overrides={**self.overrides, **keys})
 
-    def used(self, name: str) -> Any:
-        """The value of setting `name` for this fit: its HEAD_TWINS twin's on a head's code, else its own."""
-        return getattr(self, HEAD_TWINS[name] if self.head is not None else name)
+    @property
+    def recipe_name(self) -> str:
+        return self.recipe or DEFAULT_RECIPES["tokens" if self.head is None else "head"]
+
+    def em_config(self) -> EMConfig:
+        """The resolved hyper-parameters. With cosine logits every gain starts where the initial model's scoring
+        has it (a head's cluster probe: 2; the Baseline: 1), so the first E-step labels and the first loss are the
+        initial model's own."""
+        cosine = {**RECIPES.get(self.recipe_name, {}), **self.overrides}.get("logits") == "cosine"
+        return resolve(self.recipe_name, self.overrides, num_classes=self.classes, seed=self.seed,
+                       initial_gain=CLUSTER_PROBE_GAIN if cosine and self.head is not None else 1.0)
+
+    def recipe_values(self, holdout: list[str] | None = None) -> dict[str, Any]:
+        """What changes the result and must match for a rerun to resume or reuse a model: the resolved recipe, the
+        epochs, classes, seed and held-out images (not the recipe's name: two names for the same values agree)."""
+        return {"classes": self.classes, "epochs": self.epochs, **self.em_config().recipe_values(), "seed": self.seed,
+                "holdout": list_fingerprint(holdout)}
 
     def init_recipe(self, holdout: list[str] | None = None) -> dict[str, Any]:
-        recipe = {key: getattr(self, key) for key in ("classes", "init_samples", "kmeans_iterations", "seed")}
-        return {**recipe, "holdout": list_fingerprint(holdout)}
+        config = self.em_config()
+        return {"classes": self.classes, "init_samples": config.init_samples,
+                "kmeans_iterations": config.kmeans_iterations, "seed": self.seed, "holdout": list_fingerprint(holdout)}
 
 
 @dataclass
@@ -162,22 +135,6 @@ def _write_history(settings: FitSettings, history: list[dict[str, Any]]) -> None
     save_history_figure(path.with_suffix(".png"), history)
 
 
-def em_config(settings: FitSettings) -> EMConfig:
-    """The EM hyper-parameters of a fit; on a head's code each HEAD_TWINS setting takes its twin's value. With
-    cosine logits every gain starts where the initial model's scoring has it (a head's cluster probe: 2; the
-    Baseline: 1), so the first E-step labels and the first loss are the initial model's own."""
-    cosine = settings.logits == "cosine"
-    return EMConfig(num_classes=settings.classes, learning_rate=settings.learning_rate,
-                    ema_every=settings.used("ema_every"),
-                    ema_max_decay=settings.used("ema_max_decay"), gamma=settings.gamma,
-                    min_share=settings.min_share, teacher_fallback=settings.teacher_fallback,
-                    vote_balance=settings.used("vote_balance"), keep_share=settings.used("keep_share"),
-                    vote=settings.vote,
-                    mask_weighting=settings.used("mask_weighting"), cosine=cosine,
-                    initial_gain=CLUSTER_PROBE_GAIN if cosine and settings.head is not None else 1.0,
-                    seed=settings.seed)
-
-
 def run_fit(settings: FitSettings, progress: bool = True, stop_after_epochs: int | None = None) -> FitSummary:
     """Fit (or resume fitting) PriMaPs-EM; writes the Baseline checkpoint and then the EM model.
 
@@ -194,7 +151,8 @@ def run_fit(settings: FitSettings, progress: bool = True, stop_after_epochs: int
             raise PipelineError(f"{settings.holdout}: holds out every image of {features.path}; nothing to fit")
         records = mask_store.read_index(settings.masks)
         mask_store.require_finished(settings.masks, [features.names[int(i)] for i in indices], records)
-        recipe = settings.recipe(holdout)
+        recipe = settings.recipe_values(holdout)
+        config = settings.em_config()
         head = _head_of(settings.head, features) if settings.head else None
         if head is not None:
             provenance["head"] = {key: head[key] for key in ("head_type", "source", "fingerprint")}
@@ -212,24 +170,24 @@ def run_fit(settings: FitSettings, progress: bool = True, stop_after_epochs: int
                              fitted_init=existing["init"] if existing is not None else None)
         else:
             init = _cluster_probe(settings, features, head)
-        em = PrimapsEM(init, em_config(settings), device)
+        em = PrimapsEM(init, config, device)
         head_module = build_head(head["state"]).to(device) if head is not None else None
         history: list[dict[str, Any]] = []
         if existing is not None:
             em.load_state_dict(existing["em"])
             history = list(existing["history"])
         last_epoch = settings.epochs if stop_after_epochs is None else min(settings.epochs, len(history) + stop_after_epochs)
-        batches_per_epoch = -(-len(indices) // settings.batch_size)
+        batches_per_epoch = -(-len(indices) // config.batch_size)
         bar = progress_bar(total=settings.epochs * batches_per_epoch, initial=len(history) * batches_per_epoch,
                            desc="fit", unit="batch", enabled=progress)
         with bar:
             for epoch in range(len(history), last_epoch):
                 history.append(_run_epoch(em, features, indices, records, settings, epoch, bar, head_module))
-                _save(partial, recipe, provenance, init, em, history, head, complete=False)
+                _save(partial, settings, recipe, provenance, init, em, history, head, complete=False)
                 _write_history(settings, history)
     epochs_run = last_epoch - (len(existing["history"]) if existing else 0)
     if len(history) == settings.epochs:
-        _save(settings.out, recipe, provenance, init, em, history, head, complete=True)
+        _save(settings.out, settings, recipe, provenance, init, em, history, head, complete=True)
         partial.unlink(missing_ok=True)
     last = history[-1] if history else {"loss": float("nan"), "labelled_fraction": 0.0}
     return FitSummary(settings.out, epochs_run, last["loss"], last["labelled_fraction"], time.perf_counter() - started)
@@ -250,8 +208,8 @@ def _baseline(settings: FitSettings, features: FeatureFile, indices: np.ndarray,
     stored = None if settings.overwrite else _stored_baseline(settings, features, recipe)
     if stored is not None:
         return stored.numpy()
-    sample = sample_tokens(features, settings.init_samples, settings.seed, indices)
-    init = spherical_kmeans(sample, pca_directions(sample, settings.classes), settings.kmeans_iterations, settings.seed,
+    sample = sample_tokens(features, recipe["init_samples"], settings.seed, indices)
+    init = spherical_kmeans(sample, pca_directions(sample, settings.classes), recipe["kmeans_iterations"], settings.seed,
                             gpu=gpu)
     _save_baseline(settings, features, recipe, torch.as_tensor(init, dtype=torch.float32))
     return init
@@ -338,7 +296,8 @@ def _cluster_probe(settings: FitSettings, features: FeatureFile, head: dict[str,
 def _run_epoch(em: PrimapsEM, features: FeatureFile, indices: np.ndarray, records: dict[str, mask_store.MaskRecord],
                settings: FitSettings, epoch: int, bar: tqdm, head: SegmentationHead | None) -> dict[str, Any]:
     order = np.random.default_rng([settings.seed, epoch]).permutation(indices)
-    batches = [order[start:start + settings.batch_size] for start in range(0, len(order), settings.batch_size)]
+    size = em.config.batch_size
+    batches = [order[start:start + size] for start in range(0, len(order), size)]
     losses, labelled = [], []
     class_pixels = np.zeros(settings.classes, dtype=np.int64)
     for clean, student, masks in _prefetch(features, records, settings, epoch, batches, head):
@@ -359,13 +318,14 @@ def _prefetch(features: FeatureFile, records: dict[str, mask_store.MaskRecord], 
     """Read batch i+1 from HDF5 (and run the head on it) in a background thread while batch i trains."""
     rng = np.random.default_rng([settings.seed, epoch, 1])
     draws = [rng.integers(0, max(features.views, 1), len(batch)) for batch in batches]
+    augmented_student = settings.em_config().augmented_student
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="fit-read") as pool:
         pending = None
         for position in range(len(batches) + 1):
             following = None
             if position < len(batches):
                 following = pool.submit(_read_batch, features, settings.masks, records, batches[position],
-                                        draws[position], settings.augmented_student, head)
+                                        draws[position], augmented_student, head)
             if pending is not None:
                 yield pending.result()
             pending = following
@@ -389,8 +349,9 @@ def _read_batch(features: FeatureFile, masks: Path, records: dict[str, mask_stor
     return clean_code, student_code, torch.from_numpy(mask_maps)
 
 
-def _save(path: Path, recipe: dict[str, Any], provenance: dict[str, Any], init: np.ndarray, em: PrimapsEM,
-          history: list[dict[str, Any]], head: dict[str, Any] | None, complete: bool) -> None:
-    save_checkpoint(path, model_record(recipe=recipe, provenance=provenance, logits="cosine" if em.config.cosine else "raw",
+def _save(path: Path, settings: FitSettings, recipe: dict[str, Any], provenance: dict[str, Any], init: np.ndarray,
+          em: PrimapsEM, history: list[dict[str, Any]], head: dict[str, Any] | None, complete: bool) -> None:
+    save_checkpoint(path, model_record(recipe=recipe, recipe_name=settings.recipe_name, config=asdict(em.config),
+                                       provenance=provenance, logits=em.config.logits,
                                        init=torch.as_tensor(init, dtype=torch.float32), state=em.state_dict(),
                                        history=history, head=head, complete=complete))

@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from pipeline.em.config import EMConfig
 from pipeline.em.vote import e_step
 from pipeline.errors import PipelineError
 from pipeline.progress import progress_bar
@@ -25,6 +26,7 @@ from pipeline.store import masks as mask_store
 from pipeline.store.atomic import write_text_atomic
 from pipeline.store.checkpoints import load_checkpoint, require_matching_features
 from pipeline.store.features import FeatureFile
+from pipeline.store.models import fitted_config
 from pipeline.store.names import name_path
 from pipeline.viz import (
     colour_legend_html,
@@ -91,14 +93,13 @@ class _Model:
 
     @property
     def e_step_options(self) -> dict[str, Any]:
-        """The E-step settings the model was fitted with (a Baseline has none: the paper's plain vote). The vote
+        """The E-step settings the model was fitted with (a Baseline's or a probe's: the paper's plain vote). The vote
         balance takes the class shares of the one inspected image, where the fit took a batch's."""
-        recipe = self.checkpoint["recipe"]
-        return {"min_share": float(recipe.get("min_share", 0.0)),
-                "teacher_fallback": bool(recipe.get("teacher_fallback", False)),
-                "balance": float(recipe.get("vote_balance", recipe.get("head_vote_balance", 0.0))),
-                "keep_share": float(recipe.get("keep_share", recipe.get("head_keep_share", 1.0))),
-                "rule": str(recipe.get("vote", "majority"))}
+        config = fitted_config(self.path, self.checkpoint) or {}
+        paper = EMConfig(num_classes=self.classes)
+        value = lambda key: config.get(key, getattr(paper, key))
+        return {"min_share": value("min_share"), "teacher_fallback": value("teacher_fallback"),
+                "balance": value("vote_balance"), "keep_share": value("keep_share"), "rule": value("vote")}
 
 
 def run_inspect(settings: InspectSettings, progress: bool = True) -> InspectSummary:
@@ -212,6 +213,7 @@ def _sections(feature_provenance: dict[str, Any], mask_provenance: dict[str, Any
         history = model.checkpoint.get("history") or []
         sections.append(definition_table_html("Model", {
             "checkpoint": model.path, "kind": model.checkpoint.get("kind"), "clusters K": model.classes,
+            "recipe": model.checkpoint.get("recipe_name", "none (not fitted by EM)"),
             "epochs": len(history), **{f"E-step {key.replace('_', ' ')}": value
                                        for key, value in model.e_step_options.items()},
         }))

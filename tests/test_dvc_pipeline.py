@@ -42,7 +42,7 @@ def project(camvid, tmp_path) -> Path:
     params["extract"].update(dataset="camvid", root=str(camvid), resolution=112, max_images=4, batch_size=4)
     params["extract"]["train"]["views"] = 1
     params["propose"].update(workers=1)
-    params["fit"].update(classes=11, epochs=2, batch_size=4, init_samples=1000, kmeans_iterations=5)
+    params["fit"].update(classes=11, epochs=2, set={"batch_size": 4, "init_samples": 1000, "kmeans_iterations": 5})
     params["evaluate"].update(crf=False, workers=1)
     params["report"].update(sample=2)
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
@@ -84,7 +84,7 @@ def test_experiments_are_compared_by_dvc_exp_show_metrics_diff_and_offline_plots
     changed = [line for line in run(["git", "diff", "--", "params.yaml"], project).splitlines()
                if line.startswith(("+ ", "- ", "+  ", "-  "))]
     assert len(changed) == 2, f"one -S change rewrote other lines of params.yaml: {changed}"
-    run([str(BIN / "dvc"), "exp", "run", "-n", "ema10", "-S", "fit.classes=11", "-S", "fit.ema_every=10"], project)
+    run([str(BIN / "dvc"), "exp", "run", "-n", "ema10", "-S", "fit.classes=11", "-S", "+fit.set.ema_every=10"], project)
 
     shown = json.loads(run([str(BIN / "dvc"), "exp", "show", "--json"], project, stdout_only=True))
     experiments = {experiment["name"]: experiment["revs"][0] for commit in shown
@@ -137,7 +137,7 @@ def test_every_documented_set_param_applies_to_params_yaml(tmp_path):
 
     documented = set()
     for name in ("README.md", "params.yaml"):
-        documented |= set(re.findall(r"-S '?([\w.]+=[^\s'`]+)", (REPOSITORY / name).read_text(encoding="utf-8")))
+        documented |= set(re.findall(r"-S '?(\+?[\w.]+=[^\s'`]+)", (REPOSITORY / name).read_text(encoding="utf-8")))
     assert any(override.startswith("head.released.") for override in documented)
     for override in sorted(documented):
         params = tmp_path / "params.yaml"
@@ -145,6 +145,6 @@ def test_every_documented_set_param_applies_to_params_yaml(tmp_path):
         apply_overrides(str(params), [override])
         key, value = override.split("=", 1)
         section = yaml.safe_load(params.read_text())
-        for part in key.split("."):
+        for part in key.removeprefix("+").split("."):
             section = section[part]
         assert str(section).lower().replace(" ", "").replace("'", "") == value.lower(), override

@@ -135,8 +135,8 @@ def clean_extract(camvid, tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def model(camvid_features, camvid_masks, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("model") / "model.pt"
-    run_fit(FitSettings(features=camvid_features, masks=camvid_masks, classes=11, out=out, epochs=1, batch_size=4,
-                        init_samples=2000, kmeans_iterations=5), progress=False)
+    run_fit(FitSettings(features=camvid_features, masks=camvid_masks, classes=11, out=out, epochs=1,
+                        overrides={"batch_size": 4, "init_samples": 2000, "kmeans_iterations": 5}), progress=False)
     return out
 
 
@@ -240,7 +240,7 @@ def test_a_checkpoint_that_cannot_be_written_names_the_file_and_the_os_error(cam
     with room fits the same model as a run that never failed (the `model` fixture, same settings)."""
     out = tmp_path / "model.pt"
     command = ["fit", "--features", camvid_features, "--masks", camvid_masks, "--classes", "11", "--epochs", "1",
-               "--batch-size", "4", "--init-samples", "2000", "--kmeans-iterations", "5", "--out", out]
+               "--set", "batch_size=4", "--set", "init_samples=2000", "--set", "kmeans_iterations=5", "--out", out]
     line = one_error_line(cli_in_subprocess(command, file_size_limit=6000))
     assert line.startswith(f"Error: {tmp_path / 'model.baseline.pt'}: cannot write ([Errno 27] File too large)")
     assert not list(tmp_path.glob("*.pt")) and not list(tmp_path.glob(".*"))
@@ -397,7 +397,7 @@ def test_non_finite_features_are_refused_naming_the_file_and_the_image(camvid_fe
         name = handle["names"][5].decode()
         handle["features"][5, 2, 3] = np.inf
     line = cli_refuses(["fit", "--features", damaged, "--masks", camvid_masks, "--classes", "11", "--epochs", "1",
-                        "--init-samples", "2000", "--out", tmp_path / "model.pt"])
+                        "--set", "init_samples=2000", "--out", tmp_path / "model.pt"])
     assert line == (f"Error: {damaged}: image '{name}': features hold NaN or infinite values; the file is damaged, "
                     "rerun extract with --overwrite")
     assert not list(tmp_path.glob("*.pt"))
@@ -437,7 +437,7 @@ def test_a_mask_of_another_size_is_refused_by_fit_naming_the_png_and_the_image(c
         name = features.names[4]
     Image.fromarray(np.ones((100, 100), np.uint8)).save(masks / f"{name}.png")
     command = ["fit", "--features", camvid_features, "--masks", masks, "--classes", "11", "--epochs", "1",
-               "--init-samples", "2000", "--kmeans-iterations", "5", "--out", tmp_path / "model.pt"]
+               "--set", "init_samples=2000", "--set", "kmeans_iterations=5", "--out", tmp_path / "model.pt"]
     line = cli_refuses(command)
     assert line.startswith(f"Error: {masks / name}.png: image '{name}': the PNG does not match its record")
     # even when someone also rewrote its record to match, the size is checked against the crop size
@@ -489,8 +489,6 @@ def test_an_index_record_of_the_wrong_type_is_refused_in_one_line(camvid_feature
     ("propose", "--timeout", "0.0", "x>0"),
     ("fit", "--epochs", "0", "x>=1"),
     ("fit", "--epochs", "-1", "x>=1"),
-    ("fit", "--batch-size", "0", "x>=1"),
-    ("fit", "--learning-rate", "0.0", "x>0"),
     ("extract", "--batch-size", "0", "x>=1"),
     ("evaluate", "--workers", "0", "x>=1"),
     ("head", "--batch-size", "1", "x>=2"),
@@ -509,6 +507,20 @@ def test_out_of_range_options_are_refused_with_the_allowed_range(command, option
     assert line == f"Error: Invalid value for '{option}': {value} is not in the range {shown}."
 
 
+@pytest.mark.parametrize("assignment, shown", [
+    ("batch_size=0", "--set batch_size=0: must be at least 1"),
+    ("learning_rate=0", "--set learning_rate=0.0: must be above 0"),
+    ("vote=equal", "--set vote=equal: must be one of majority, transport, restore"),
+    ("learning_rat=0.1", "--set learning_rat: not a recipe key; choose one of learning_rate, "),
+    ("teacher_fallback=maybe", "--set teacher_fallback=maybe: teacher_fallback takes a bool"),
+    ("learning_rate", "--set learning_rate: expected KEY=VALUE"),
+])
+def test_a_bad_recipe_key_or_value_is_refused_in_one_line(assignment, shown, tmp_path):
+    line = cli_refuses(["fit", "--features", tmp_path / "f.h5", "--masks", tmp_path / "m", "--classes", "3",
+                        "--out", tmp_path / "model.pt", "--set", assignment], code=2)
+    assert line.startswith(f"Error: Invalid value for '--set': {shown}")
+
+
 def test_out_of_range_params_yaml_keys_and_settings_are_refused(tmp_path):
     params = tmp_path / "params.yaml"
     params.write_text("propose:\n  psi: 1.5\n")
@@ -516,10 +528,20 @@ def test_out_of_range_params_yaml_keys_and_settings_are_refused(tmp_path):
     assert line == f"Error: Invalid value for '--params': {params}: psi: 1.5 is not in the range 0<x<=1."
     with pytest.raises(PipelineError, match=r"^--psi 1\.5: must lie in \(0, 1\]$"):
         ProposeSettings(features=tmp_path / "f.h5", out=tmp_path / "m", psi=1.5)
+    params.write_text("fit:\n  set:\n    batch_size: 0\n")
+    line = cli_refuses(["fit", "--params", params, "--features", tmp_path / "f.h5", "--masks", tmp_path / "m",
+                        "--classes", "3", "--out", tmp_path / "model.pt"], 2)
+    assert line == "Error: Invalid value for '--set': --set batch_size=0: must be at least 1"
     with pytest.raises(PipelineError, match=r"^--epochs 0: must be at least 1$"):
         FitSettings(features=tmp_path / "f.h5", masks=tmp_path / "m", classes=3, out=tmp_path / "m.pt", epochs=0)
-    with pytest.raises(PipelineError, match=r"^--logits cos: must be one of raw, cosine$"):
-        FitSettings(features=tmp_path / "f.h5", masks=tmp_path / "m", classes=3, out=tmp_path / "m.pt", logits="cos")
+    with pytest.raises(PipelineError, match=r"^--set logits=cos: must be one of raw, cosine$"):
+        FitSettings(features=tmp_path / "f.h5", masks=tmp_path / "m", classes=3, out=tmp_path / "m.pt",
+                    overrides={"logits": "cos"})
+    with pytest.raises(PipelineError, match=r"^--set learning_rat: not a recipe key; choose one of learning_rate, "):
+        FitSettings(features=tmp_path / "f.h5", masks=tmp_path / "m", classes=3, out=tmp_path / "m.pt",
+                    overrides={"learning_rat": 0.1})
+    with pytest.raises(PipelineError, match=r"^--recipe papr: unknown recipe; choose one of paper, tuned, head$"):
+        FitSettings(features=tmp_path / "f.h5", masks=tmp_path / "m", classes=3, out=tmp_path / "m.pt", recipe="papr")
 
 
 def test_skip_bad_with_no_readable_image_publishes_nothing(tmp_path):
@@ -653,7 +675,7 @@ def test_a_mask_directory_that_lost_its_provenance_is_refused(camvid_features, c
 
 def test_a_damaged_baseline_beside_a_finished_model_is_rewritten_from_it(camvid_features, camvid_masks, tmp_path):
     settings = FitSettings(features=camvid_features, masks=camvid_masks, classes=11, out=tmp_path / "model.pt",
-                           epochs=1, batch_size=4, init_samples=2000, kmeans_iterations=5)
+                           epochs=1, overrides={"batch_size": 4, "init_samples": 2000, "kmeans_iterations": 5})
     run_fit(settings, progress=False)
     baseline, history = baseline_path(settings), history_path(settings)
     original = baseline.read_bytes(), history.read_bytes()

@@ -12,6 +12,7 @@ import torch
 
 from pipeline.errors import PipelineError
 from pipeline.store.checkpoints import load_checkpoint
+from pipeline.em.config import RECIPES
 from pipeline.segmenter import load_segmenter
 from stages.evaluate import EvaluateSettings, run_evaluate
 from stages.extract import ExtractSettings, run_extract
@@ -19,8 +20,8 @@ from stages.fit import FitSettings, baseline_path, run_fit
 
 
 def fit_settings(features: Path, masks: Path, out: Path, **changes) -> FitSettings:
-    return replace(FitSettings(features=features, masks=masks, classes=11, out=out, epochs=3, batch_size=4,
-                               init_samples=2000, kmeans_iterations=10), **changes)
+    return replace(FitSettings(features=features, masks=masks, classes=11, out=out, epochs=3,
+                               overrides={"batch_size": 4, "init_samples": 2000, "kmeans_iterations": 10}), **changes)
 
 
 def test_fit_writes_baseline_and_model(camvid_features, camvid_masks, tmp_path):
@@ -64,23 +65,17 @@ def other_backbone_features(camvid: Path, out: Path) -> Path:
 def test_fit_refuses_other_settings_and_foreign_masks(camvid, camvid_features, camvid_masks, tmp_path):
     settings = fit_settings(camvid_features, camvid_masks, tmp_path / "model.pt", epochs=1)
     run_fit(settings, progress=False)
-    assert run_fit(replace(settings, head_ema_every=3, head_ema_max_decay=0.5, head_vote_balance=1.0,
-                           head_keep_share=0.5, head_mask_weighting=0.5), progress=False).epochs_run == 0, \
-        "a token fit ignores the head's EMA, vote and loss options, so changing them must not refuse the finished fit"
-    with pytest.raises(PipelineError, match=r"model\.pt: made with different settings: .*ema_every"):
-        run_fit(replace(settings, ema_every=3), progress=False)
-    with pytest.raises(PipelineError, match=r"model\.pt: made with different settings: .*ema_max_decay"):
-        run_fit(replace(settings, ema_max_decay=0.98), progress=False)
-    with pytest.raises(PipelineError, match=r"model\.pt: made with different settings: .*vote_balance"):
-        run_fit(replace(settings, vote_balance=0.0), progress=False)
-    with pytest.raises(PipelineError, match=r"model\.pt: made with different settings: .*keep_share"):
-        run_fit(replace(settings, keep_share=1.0), progress=False)
-    with pytest.raises(PipelineError, match=r"model\.pt: made with different settings: .*learning_rate"):
-        run_fit(replace(settings, learning_rate=1e-3), progress=False)
-    with pytest.raises(PipelineError, match=r"model\.pt: made with different settings: .*mask_weighting"):
-        run_fit(replace(settings, mask_weighting=0.0), progress=False)
-    with pytest.raises(PipelineError, match=r"--mask-weighting -1\.0: must lie in \[0, 2\.0\]"):
-        run_fit(replace(settings, mask_weighting=-1.0, out=tmp_path / "negative.pt"), progress=False)
+    tuned = RECIPES["tuned"]
+    assert run_fit(replace(settings, recipe="paper").overriding(**tuned), progress=False).epochs_run == 0, \
+        "the paper's recipe with the tuned keys set is the tuned recipe: the finished fit is not refused"
+    for key, value in (("ema_every", 3), ("ema_max_decay", 0.98), ("vote_balance", 0.0), ("keep_share", 1.0),
+                       ("learning_rate", 1e-3), ("mask_weighting", 0.0), ("vote", "restore")):
+        with pytest.raises(PipelineError, match=rf"model\.pt: made with different settings: .*{key}"):
+            run_fit(settings.overriding(**{key: value}), progress=False)
+    with pytest.raises(PipelineError, match=r"model\.pt: made with different settings: ema_every \(file: 1, now: 10\)"):
+        run_fit(replace(settings, recipe="paper"), progress=False)
+    with pytest.raises(PipelineError, match=r"--set mask_weighting=-1\.0: must lie in \[0, 2\.0\]"):
+        run_fit(replace(settings, out=tmp_path / "negative.pt").overriding(mask_weighting=-1.0), progress=False)
     other = other_backbone_features(camvid, tmp_path / "other.h5")
     with pytest.raises(PipelineError, match=r"camvid_val: masks were made from other features than .*other\.h5"):
         run_fit(replace(settings, features=other, out=tmp_path / "other.pt"), progress=False)
@@ -138,7 +133,7 @@ def test_a_held_out_fold_is_left_out_of_the_fit_and_scored_alone(camvid_features
     whole_model, held_model = load_checkpoint(whole.out), load_checkpoint(held.out)
     assert whole_model["recipe"]["holdout"] is None and held_model["recipe"]["holdout"] is not None
     assert not torch.equal(whole_model["init"], held_model["init"])
-    batches = -(-(len(names) - len(fold)) // whole.batch_size)
+    batches = -(-(len(names) - len(fold)) // whole.em_config().batch_size)
     assert held_model["em"]["steps"] == batches < load_checkpoint(whole.out)["em"]["steps"]
 
     summary = run_evaluate(EvaluateSettings(model=held.out, features=camvid_features, out=tmp_path / "eval",

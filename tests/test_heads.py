@@ -7,7 +7,7 @@ import collections
 import os
 import sys
 import types
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 from unittest.mock import patch
 
@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from pipeline.backbones import build_backbone
 from pipeline.backbones.checkpoint import tensors_fingerprint
 from pipeline.em import EMConfig, PrimapsEM, Prototypes
+from pipeline.em.config import RECIPES
 from pipeline.errors import PipelineError
 from pipeline.heads import build_head
 from pipeline.heads.foreign import read_hp_checkpoint, read_stego_checkpoint
@@ -30,12 +31,11 @@ from pipeline.segmenter import Segmenter, load_segmenter
 from pipeline.store.checkpoints import load_checkpoint
 from pipeline.store.features import FeatureFile
 from stages.extract import ExtractSettings, run_extract
-from stages.fit import em_config
+
 from stages.head import ImportHeadSettings, TrainHeadSettings, run_import_head, run_train_head
 from tests.test_em import CROP, K, PlantedScenes
 
 # --- the loss ---------------------------------------------------------------------------------------------
-
 
 def test_correlation_term_on_a_hand_computed_case():
     """Three points. Unit features (1, 0), (0, 1), (0.6, 0.8): cosines [[1, 0, .6], [0, 1, .8], [.6, .8, 1]],
@@ -53,7 +53,6 @@ def test_correlation_term_on_a_hand_computed_case():
     assert unclamped[0, 1].item() == pytest.approx(-7 / 18, abs=1e-6)
     assert unclamped[1, 0].item() == pytest.approx(-41 / 90, abs=1e-6)
 
-
 def test_random_partners_are_never_the_image_itself():
     generator = torch.Generator().manual_seed(0)
     for size in (2, 3, 16):
@@ -61,9 +60,7 @@ def test_random_partners_are_never_the_image_itself():
             partners = random_partners(size, generator)
             assert not (partners == torch.arange(size)).any() and partners.max() < size
 
-
 # --- the head ----------------------------------------------------------------------------------------------
-
 
 def test_head_forward_equals_a_transcription_of_stegos_module():
     """STEGO's DinoFeaturizer in eval mode: code = cluster1(f) + cluster2(f) on B×D×h×w features, where cluster1
@@ -80,9 +77,7 @@ def test_head_forward_equals_a_transcription_of_stegos_module():
     assert sorted(w) == ["cluster1.0.bias", "cluster1.0.weight", "cluster2.0.bias", "cluster2.0.weight",
                          "cluster2.2.bias", "cluster2.2.weight"]
 
-
 # --- nearest neighbours ------------------------------------------------------------------------------------
-
 
 def test_nearest_images_equal_brute_force_cosine_ranking():
     rng = np.random.default_rng(0)
@@ -97,11 +92,9 @@ def test_nearest_images_equal_brute_force_cosine_ranking():
     with pytest.raises(PipelineError, match="k = 40 needs at least 41 images"):
         nearest_images(descriptors, k=40)
 
-
 # --- released checkpoints ----------------------------------------------------------------------------------
 
 BACKBONE = "dino_vits16"
-
 
 def random_head_tensors(feature_dim: int, code_dim: int, clusters: int, seed: int) -> dict[str, torch.Tensor]:
     generator = torch.Generator().manual_seed(seed)
@@ -111,7 +104,6 @@ def random_head_tensors(feature_dim: int, code_dim: int, clusters: int, seed: in
               "clusters": (clusters, code_dim)}
     return {key: torch.randn(shape, generator=generator) for key, shape in shapes.items()}
 
-
 def _fake_class(module: str, name: str) -> type:
     """A class importable as `module.name` while a checkpoint is written (what OmegaConf / Lightning pickle)."""
     parts = module.split(".")
@@ -120,7 +112,6 @@ def _fake_class(module: str, name: str) -> type:
     cls = type(name, (), {"__module__": module})
     setattr(sys.modules[module], name, cls)
     return cls
-
 
 def write_stego_checkpoint(path: Path, tensors: dict[str, torch.Tensor], payload: object = None) -> None:
     """A checkpoint in the layout of STEGO's released Lightning .ckpt files (state_dict keys, OmegaConf cfg,
@@ -148,7 +139,6 @@ def write_stego_checkpoint(path: Path, tensors: dict[str, torch.Tensor], payload
             checkpoint["extra"] = payload
         torch.save(checkpoint, path)
 
-
 def write_hp_checkpoint(path: Path, tensors: dict[str, torch.Tensor]) -> None:
     """HP's ckpt.pth layout: net_model_state_dict (backbone, head, EMA head), cluster_model_state_dict."""
     backbone = build_backbone(BACKBONE, random_init=True)[0]
@@ -159,14 +149,11 @@ def write_hp_checkpoint(path: Path, tensors: dict[str, torch.Tensor]) -> None:
                 "linear_model_state_dict": collections.OrderedDict(weight=torch.zeros(27, 5, 1, 1), bias=torch.zeros(27)),
                 "cluster_model_state_dict": collections.OrderedDict(clusters=tensors["clusters"]), "best": 1.5}, path)
 
-
 class _Payload:
     def __reduce__(self):
         return (os.system, (f"touch {MARKER}",))
 
-
 MARKER = Path("/tmp/primaps-malicious-payload-ran")
-
 
 @pytest.fixture(scope="module")
 def random_vits16_features(tmp_path_factory, camvid) -> Path:
@@ -174,7 +161,6 @@ def random_vits16_features(tmp_path_factory, camvid) -> Path:
     run_extract(ExtractSettings(dataset="camvid", root=str(camvid), split="val", backbone=BACKBONE, out=out,
                                 resolution=64, max_images=4, random_init=True), progress=False)
     return out
-
 
 def test_stego_checkpoint_loads_without_running_pickled_code(tmp_path):
     tensors = random_head_tensors(384, 5, 27, seed=1)
@@ -189,7 +175,6 @@ def test_stego_checkpoint_loads_without_running_pickled_code(tmp_path):
         torch.testing.assert_close(value, tensors[key])
     assert head.backbone_tensors_sha256 == tensors_fingerprint(build_backbone(BACKBONE, random_init=True)[0].state_dict())
 
-
 def test_a_malicious_pickle_is_refused_and_runs_nothing(tmp_path):
     MARKER.unlink(missing_ok=True)
     path = tmp_path / "evil.ckpt"
@@ -200,7 +185,6 @@ def test_a_malicious_pickle_is_refused_and_runs_nothing(tmp_path):
     assert str(path) in str(error.value) and "\n" not in str(error.value)
     assert not MARKER.exists()
 
-
 def test_hp_checkpoint_gives_the_trained_head_not_the_ema_copy(tmp_path):
     tensors = random_head_tensors(384, 6, 27, seed=2)
     write_hp_checkpoint(tmp_path / "ckpt.pth", tensors)
@@ -209,7 +193,6 @@ def test_hp_checkpoint_gives_the_trained_head_not_the_ema_copy(tmp_path):
     for key, value in head.head_state.items():
         torch.testing.assert_close(value, tensors[key])
     torch.testing.assert_close(head.clusters, tensors["clusters"])
-
 
 def test_checkpoints_with_wrong_keys_or_shapes_are_named(tmp_path):
     tensors = random_head_tensors(384, 5, 27, seed=3)
@@ -220,7 +203,6 @@ def test_checkpoints_with_wrong_keys_or_shapes_are_named(tmp_path):
     torch.save({"net_model_state_dict": {}, "cluster_model_state_dict": {}}, tmp_path / "empty.pth")
     with pytest.raises(PipelineError, match=r"empty\.pth: not a HP checkpoint: missing keys \['cluster1\.0\.weight'"):
         read_hp_checkpoint(tmp_path / "empty.pth")
-
 
 def test_import_head_checks_the_backbone_of_the_features(tmp_path, random_vits16_features, camvid):
     tensors = random_head_tensors(384, 5, 27, seed=4)
@@ -244,9 +226,7 @@ def test_import_head_checks_the_backbone_of_the_features(tmp_path, random_vits16
     with pytest.raises(PipelineError, match=r"backbone_tensors_sha256 \(head: "):
         run_import_head(ImportHeadSettings(tmp_path / "tampered.pth", "hp", random_vits16_features, tmp_path / "t.pt"))
 
-
 # --- training a head here -----------------------------------------------------------------------------------
-
 
 def test_resumed_head_training_equals_an_uninterrupted_one(camvid_features, tmp_path):
     whole = TrainHeadSettings(features=camvid_features, out=tmp_path / "whole.pt", clusters=5, code_dim=8,
@@ -266,7 +246,6 @@ def test_resumed_head_training_equals_an_uninterrupted_one(camvid_features, tmp_
     assert {"loss", "self", "neighbour", "random", "probe"} <= set(first)
     with pytest.raises(PipelineError, match=r"made with different settings: .*code_dim \(file: 8, now: 9\)"):
         run_train_head(replace(whole, code_dim=9), progress=False)
-
 
 def test_the_kmeans_probe_gives_every_cluster_part_of_the_split_and_online_keeps_stegos(camvid_features, tmp_path):
     """The default probe is spherical k-means of the finished head's code: each of the K centroids is the nearest
@@ -290,9 +269,7 @@ def test_the_kmeans_probe_gives_every_cluster_part_of_the_split_and_online_keeps
     with pytest.raises(PipelineError, match=r"probe 'best': choose one of kmeans, online"):
         replace(online, probe="best")
 
-
 # --- PriMaPs-EM on a head's code ---------------------------------------------------------------------------
-
 
 @pytest.mark.parametrize("cosine", [False, True], ids=["raw-logits", "cosine-logits"])
 def test_em_on_code_features_reaches_95_percent_on_planted_data(cosine):
@@ -312,7 +289,7 @@ def test_em_on_code_features_reaches_95_percent_on_planted_data(cosine):
                                                      dtype=torch.float32).view(1, 1, 1, -1)).view(-1)
                                    for k in range(K)])
     confused_probe = class_means + 0.8 * class_means.roll(-1, dims=0)
-    model = PrimapsEM(confused_probe.numpy(), EMConfig(num_classes=K, cosine=cosine, initial_gain=2.0 if cosine else 1.0))
+    model = PrimapsEM(confused_probe.numpy(), EMConfig(num_classes=K, logits="cosine" if cosine else "raw", initial_gain=2.0 if cosine else 1.0))
 
     def accuracy() -> float:
         evaluator = SegmentationEvaluator(K)
@@ -333,7 +310,6 @@ def test_em_on_code_features_reaches_95_percent_on_planted_data(cosine):
     assert initial < 90.0
     assert accuracy() >= 95.0
 
-
 def test_stego_plus_primaps_em_end_to_end_from_the_cache(camvid_features, camvid_masks, tmp_path):
     """head → fit --head (EM on the code from the cluster probe) → evaluate the probe and EM side by side."""
     from stages.evaluate import EvaluateSettings, run_evaluate
@@ -343,7 +319,7 @@ def test_stego_plus_primaps_em_end_to_end_from_the_cache(camvid_features, camvid
                              batch_size=4, neighbours=3, feature_samples=5, neg_samples=2)
     run_train_head(head, progress=False)
     fit = FitSettings(features=camvid_features, masks=camvid_masks, classes=11, out=tmp_path / "stego_em.pt",
-                      baseline_out=tmp_path / "stego_probe.pt", head=head.out, epochs=2, batch_size=4)
+                      baseline_out=tmp_path / "stego_probe.pt", head=head.out, epochs=2, overrides={"batch_size": 4})
     run_fit(fit, progress=False)
     probe, em = load_checkpoint(fit.baseline_out), load_checkpoint(fit.out)
     assert probe["kind"] == "cluster-probe" and em["kind"] == "primaps-em"
@@ -351,29 +327,21 @@ def test_stego_plus_primaps_em_end_to_end_from_the_cache(camvid_features, camvid
     torch.testing.assert_close(em["init"], probe["init"])
     assert em["head"]["head_type"] == "stego" and em["provenance"]["head"]["fingerprint"]
     assert em["momentum"]["direction"].shape == (11, 8)
-    assert em_config(fit).ema_every == 10 and em_config(replace(fit, head=None)).ema_every == 1, \
-        "θ_M follows every 10th step on a head's code, every step on tokens (the training-fold protocol's choices)"
-    assert em["recipe"]["head_ema_every"] == 10 and "ema_every" not in em["recipe"], \
-        "a head fit records the cadence it uses, not the tokens' one"
-    assert em_config(fit).ema_max_decay == 0.98 and em_config(replace(fit, head=None)).ema_max_decay == 0.9
-    assert em["recipe"]["head_ema_max_decay"] == 0.98 and "ema_max_decay" not in em["recipe"]
-    assert em_config(fit).vote_balance == 0.0 and em_config(replace(fit, head=None)).vote_balance == 0.5
-    assert em["recipe"]["head_vote_balance"] == 0.0 and "vote_balance" not in em["recipe"]
-    assert em_config(fit).keep_share == 1.0 and em_config(replace(fit, head=None)).keep_share == 0.3
-    assert em["recipe"]["head_keep_share"] == 1.0 and "keep_share" not in em["recipe"]
-    assert em_config(fit).mask_weighting == 0.0 and em_config(replace(fit, head=None)).mask_weighting == 1.0, \
-        "a head fit takes the paper's per-pixel loss, a token fit weighs every mask alike"
-    assert em["recipe"]["head_mask_weighting"] == 0.0 and "mask_weighting" not in em["recipe"]
+    assert fit.recipe_name == "head" and replace(fit, head=None).recipe_name == "tuned", \
+        "a fit on a head's code takes the head recipe unless one is named; on tokens the tuned one"
+    assert em["recipe_name"] == "head" and em["em_config"] == asdict(fit.em_config())
+    assert em["em_config"]["ema_every"] == RECIPES["head"].get("ema_every", EMConfig.ema_every), \
+        "the model stores the configuration it used, the head recipe's"
     summary = run_evaluate(EvaluateSettings(model=fit.out, features=camvid_features, out=tmp_path / "eval",
                                             extra_models=(("stego", fit.baseline_out),)), progress=False)
     assert list(summary)[1:3] == ["primaps_em", "stego"]
     for row in ("primaps_em", "stego"):
         assert 0 < summary[row]["no_crf"]["pixel_accuracy"] <= 100
     assert em["logits"] == "raw" and not load_segmenter(em).prototypes.cosine, "the paper's raw logits by default"
-    cosine = replace(fit, logits="cosine", out=tmp_path / "stego_em_cosine.pt", epochs=1)
+    cosine = replace(fit, out=tmp_path / "stego_em_cosine.pt", epochs=1).overriding(logits="cosine")
     with FeatureFile(camvid_features) as features:
         tokens = torch.from_numpy(features.features(0)).float()[None]
-    start = Segmenter(PrimapsEM(probe["init"].numpy(), em_config(cosine)).momentum, load_segmenter(probe).head)
+    start = Segmenter(PrimapsEM(probe["init"].numpy(), cosine.em_config()).momentum, load_segmenter(probe).head)
     torch.testing.assert_close(start.pixel_logits(tokens, CROP), load_segmenter(probe).pixel_logits(tokens, CROP))
     run_fit(cosine, progress=False)
     assert load_checkpoint(cosine.out)["logits"] == "cosine" and load_segmenter(load_checkpoint(cosine.out)).prototypes.cosine

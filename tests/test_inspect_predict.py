@@ -30,7 +30,7 @@ CLASSES = 11
 def model(camvid_features, camvid_masks, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("model") / "model.pt"
     run_fit(FitSettings(features=camvid_features, masks=camvid_masks, classes=CLASSES, out=out, epochs=1,
-                        batch_size=4, init_samples=2000, kmeans_iterations=5), progress=False)
+                        overrides={"batch_size": 4, "init_samples": 2000, "kmeans_iterations": 5}), progress=False)
     return out
 
 

@@ -152,7 +152,7 @@ def test_msrc21_runs_through_every_stage_and_is_scored_with_its_own_classes(tmp_
     cli("extract", *common, "--split", "val", "--max-images", "4", "--flip-average", "--out", str(tmp_path / "val.h5"))
     cli("propose", "--features", str(tmp_path / "train.h5"), "--out", str(tmp_path / "masks"))
     cli("fit", "--features", str(tmp_path / "train.h5"), "--masks", str(tmp_path / "masks"), "--classes", "21",
-        "--epochs", "2", "--batch-size", "3", "--init-samples", "2000", "--out", str(tmp_path / "model.pt"))
+        "--epochs", "2", "--set", "batch_size=3", "--set", "init_samples=2000", "--out", str(tmp_path / "model.pt"))
     scored = cli("evaluate", "--model", str(tmp_path / "model.pt"), "--baseline", str(tmp_path / "model.baseline.pt"),
                  "--features", str(tmp_path / "val.h5"), "--out", str(tmp_path / "eval"))
     assert "primaps_em no_crf acc" in scored

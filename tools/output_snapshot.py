@@ -8,11 +8,14 @@ model / Baseline / head file (its optimiser state included), and the metrics the
 every entry that differs and exits 1 if any does. Run both with the same command line on the two code versions
 (e.g. a `git worktree` of the old commit, its own `--repo`):
 
-    .venv/bin/python tools/output_snapshot.py run --repo . --work /tmp/snap_new
-    .venv/bin/python tools/output_snapshot.py run --repo /tmp/old_tree --work /tmp/snap_old
-    .venv/bin/python tools/output_snapshot.py compare /tmp/snap_old/snapshot.json /tmp/snap_new/snapshot.json
+    .venv/bin/python tools/output_snapshot.py run --repo . --work /tmp/snap --fit-args "--set batch_size=8"
+    .venv/bin/python tools/output_snapshot.py run --repo /tmp/old_tree --work /tmp/snap --fit-args "--batch-size 8"
+    (move the first snapshot.json aside: the same --work keeps the recorded paths equal)
+    .venv/bin/python tools/output_snapshot.py compare old_snapshot.json /tmp/snap/snapshot.json
 
-Costs a few minutes on 2 cores. Settings are the CLI defaults unless `--fit-args` adds some (the same on both sides).
+Costs a few minutes on 2 cores. Settings are the CLI defaults unless `--fit-args` adds some to every fit; give each
+code version the options it spells the same settings with (e.g. `--batch-size 8` before recipes, `--set batch_size=8`
+after). The demo (8 images) is one batch either way.
 """
 
 from __future__ import annotations
@@ -115,13 +118,13 @@ def run(repo: Path, work: Path, camvid: Path, fit_args: str) -> None:
     cli("extract", *camvid_args, "--split", "val", "--flip-average", "--out", f"{out}/camvid/eval.h5")
     cli("propose", "--features", f"{out}/camvid/train.h5", "--out", f"{out}/camvid/masks", "--workers", "2")
     cli("fit", "--features", f"{out}/camvid/train.h5", "--masks", f"{out}/camvid/masks", "--classes", "11",
-        "--epochs", "6", "--batch-size", "8", "--out", f"{out}/camvid/model.pt", *extra)
+        "--epochs", "6", "--out", f"{out}/camvid/model.pt", *extra)
     cli("evaluate", "--model", f"{out}/camvid/model.pt", "--baseline", f"{out}/camvid/model.baseline.pt",
         "--features", f"{out}/camvid/eval.h5", "--crf", "--out", f"{out}/camvid/eval")
     cli("head", "--features", f"{out}/camvid/train.h5", "--clusters", "11", "--epochs", "2", "--batch-size", "8",
         "--out", f"{out}/camvid/head.pt")
     cli("fit", "--features", f"{out}/camvid/train.h5", "--masks", f"{out}/camvid/masks", "--classes", "11",
-        "--epochs", "4", "--batch-size", "8", "--head", f"{out}/camvid/head.pt", "--out", f"{out}/camvid/stego/model.pt",
+        "--epochs", "4", "--head", f"{out}/camvid/head.pt", "--out", f"{out}/camvid/stego/model.pt",
         "--baseline-out", f"{out}/camvid/stego/probe.pt", *extra)
     cli("evaluate", "--model", f"{out}/camvid/stego/model.pt", "--baseline", f"{out}/camvid/stego/probe.pt",
         "--features", f"{out}/camvid/eval.h5", "--out", f"{out}/camvid/stego/eval")

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor
 
+from pipeline.em.config import EMConfig
 from pipeline.em.loss import mask_size_weights, upsampled_pseudo_label_loss
 from pipeline.em.prototypes import Prototypes, upsampled_argmax
 from pipeline.em.vote import IGNORE, vote_pseudo_labels
@@ -26,32 +26,6 @@ def ema_update(momentum: Prototypes, running: Prototypes, decay: float) -> None:
     """θ_M ← decay·θ_M + (1 − decay)·θ_R, parameter by parameter (directions and gains)."""
     for slow, fast in zip(momentum.parameters(), running.parameters()):
         slow.mul_(decay).add_(fast, alpha=1 - decay)
-
-
-@dataclass(frozen=True)
-class EMConfig:
-    """The PriMaPs-EM hyper-parameters (paper defaults).
-
-    min_share 0 is the paper's plain majority vote; mask_weighting 0 is the paper's per-pixel mean loss
-    (1 weighs every mask alike, see mask_size_weights). `cosine` scores L2-normalised features (the paper:
-    raw ones) and `initial_gain` is where every g_k starts, so a fit can start exactly as its initial model
-    scores (a cluster probe: cosine with gain 2).
-    """
-
-    num_classes: int
-    learning_rate: float = 5e-3
-    ema_every: int = 10
-    ema_max_decay: float = 0.98
-    gamma: float = 2.0
-    min_share: float = 0.0
-    teacher_fallback: bool = False
-    vote_balance: float = 0.0
-    keep_share: float = 1.0
-    vote: str = "majority"
-    mask_weighting: float = 0.0
-    cosine: bool = False
-    initial_gain: float = 1.0
-    seed: int = 0
 
 
 class PrimapsEM:

@@ -9,17 +9,11 @@ import scipy.sparse
 import torch
 from torch import Tensor
 
+from pipeline.em.config import VOTE_RULES
 from pipeline.errors import PipelineError
 
 IGNORE = 255
 """Mask id of the background and label value of unlabelled pixels."""
-
-
-VOTE_RULES = ("majority", "transport", "restore")
-"""How the E-step turns θ_M's per-pixel classes into pseudo labels: `majority`, the paper's most frequent class per
-mask; `transport`, one class per mask chosen so that every class keeps θ_M's share of the masked pixels
-(transport_winners); `restore`, the majority vote, after which every class the vote left below θ_M's count keeps
-its own pixels where it covers most of a mask (restored_cells)."""
 
 
 def transport_winners(votes: Tensor) -> Tensor:

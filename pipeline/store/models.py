@@ -3,7 +3,8 @@ head files, and the one rule by which a rerun resumes an unfinished file or refu
 
 Every file is a checkpoint (store/checkpoints.py) whose `kind` names its layout:
 - `primaps-em`: θ_M (`momentum`) and θ_R (`running`) prototypes, their start (`init`), the EM state for resuming
-  (`em`), the per-epoch `history`, the `recipe` and input `provenance`, the embedded `head` for a fit on a head's code;
+  (`em`), the per-epoch `history`, the resolved EM configuration (`em_config`, from the named `recipe_name`), the
+  values a rerun must match (`recipe`) and input `provenance`, the embedded `head` for a fit on a head's code;
 - `baseline`: the PCA + k-means start as a model of its own (θ_M = θ_R = init, gain 1, scored on cosines);
 - `cluster-probe`: a head's cluster-probe centroids as a model (gain 2, cosines), for a fit on that head's code;
 - `head` (store/heads.py): a segmentation head and its clusters.
@@ -53,15 +54,29 @@ def cluster_probe_record(classes: int, features_provenance: dict[str, Any], head
             "history": [], "head": head}
 
 
-def model_record(*, recipe: dict[str, Any], provenance: dict[str, Any], logits: str, init: torch.Tensor,
-                 state: dict[str, Any], history: list[dict[str, Any]], head: dict[str, Any] | None,
-                 complete: bool) -> dict[str, Any]:
-    """A PriMaPs-EM model file (finished, or a resumable partial one) from the EM state (PrimapsEM.state_dict)."""
-    return {"kind": MODEL_KIND, "complete": complete, "recipe": recipe, "provenance": provenance, "logits": logits,
+def model_record(*, recipe: dict[str, Any], recipe_name: str, config: dict[str, Any], provenance: dict[str, Any],
+                 logits: str, init: torch.Tensor, state: dict[str, Any], history: list[dict[str, Any]],
+                 head: dict[str, Any] | None, complete: bool) -> dict[str, Any]:
+    """A PriMaPs-EM model file (finished, or a resumable partial one) from the EM state (PrimapsEM.state_dict).
+    `recipe` is what a rerun must match; `config` the resolved EM configuration that every reader takes the
+    hyper-parameters from; `recipe_name` the named recipe it started from."""
+    return {"kind": MODEL_KIND, "complete": complete, "recipe": recipe, "recipe_name": recipe_name,
+            "em_config": config, "provenance": provenance, "logits": logits,
             "features_provenance": provenance["features"], "init": init,
             "momentum": {key: value.cpu() for key, value in state["momentum"].items()},
             "running": {key: value.cpu() for key, value in state["running"].items()},
             "em": state, "history": history, "head": head}
+
+
+def fitted_config(path: Path, record: dict[str, Any]) -> dict[str, Any] | None:
+    """The resolved EM configuration a PriMaPs-EM model was fitted with; None for a Baseline or a cluster probe,
+    which were not fitted by EM. A model file from before configurations were stored is refused in one line."""
+    if record.get("kind") != MODEL_KIND:
+        return None
+    if not isinstance(record.get("em_config"), dict):
+        raise PipelineError(f"{path}: written by an older primaps-pipeline that did not store its EM configuration; "
+                            "rerun `fit` with --overwrite")
+    return record["em_config"]
 
 
 def resume_or_refuse(paths: tuple[Path, ...], recipe: dict[str, Any], provenance: dict[str, Any], *,

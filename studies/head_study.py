@@ -96,8 +96,8 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=40, help="head epochs")
     parser.add_argument("--fit-epochs", type=int, default=FitSettings.epochs)
     parser.add_argument("--fit-settings", default="",
-                        help="key=value,... FitSettings fields for both EM fits "
-                             "(e.g. ema_every=10: the tokens' cadence; head_ema_every=1: the code's)")
+                        help="key=value,... recipe keys (or recipe=NAME) for both EM fits, which otherwise take "
+                             "their default recipes (tokens: tuned; the head's code: head)")
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--crf", action="store_true")
     parser.add_argument("--work", type=Path, required=True)

@@ -1,15 +1,15 @@
 """PriMaPs-EM recipe study: fit and evaluate named recipes over several seeds, print Baseline vs EM side by side.
 
-Each recipe is `NAME:key=value,key=value` with `FitSettings` field names (`masks=DIR` picks a mask directory);
+Each recipe is `NAME:key=value,key=value`: recipe keys (`primaps-pipeline recipes`), `recipe=NAME` for another named
+recipe to start from, `epochs=N`, and `masks=DIR` for another mask directory;
 every (recipe, seed) pair runs the real `fit` and `evaluate` stages, so the figures are what a user gets. The
 Baseline of each seed is scored too; the last columns are EM minus Baseline, averaged over the seeds. The target
 is ≥ +5 points of pixel accuracy and ≥ +3 points of mIoU over the Baseline, at the last epoch, θ_M (README, recipe).
 
 Example:
-  .venv/bin/python benchmarks/em_study.py --train /work/camvid-cache2/train.h5 --val /work/camvid-cache2/val.h5 \
-      --masks /work/camvid-cache2/masks_mean0.8 --classes 11 --seeds 0,1,2 --work /work/em \
-      --recipe default: --recipe round1:mask_weighting=0,learning_rate=0.0005 \
-      --recipe paper:learning_rate=0.005,min_share=0,teacher_fallback=false,mask_weighting=0,masks=MASKS_PSI04
+  .venv/bin/python studies/em_study.py --train cache/camvid/train.h5 --val cache/camvid/eval.h5 \
+      --masks cache/camvid/masks --classes 11 --seeds 0,1,2 --work /tmp/em \
+      --recipe default: --recipe lr1e-3:learning_rate=0.001 --recipe paper:recipe=paper,masks=MASKS_PSI04
 """
 
 from __future__ import annotations
@@ -22,29 +22,36 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline.em.config import parse_assignment
+from pipeline.errors import PipelineError
 from stages.evaluate import EvaluateSettings, run_evaluate
 from stages.fit import FitSettings, baseline_path, run_fit
 
 
 PATH_SETTINGS = ("masks", "head")
 """FitSettings fields a recipe sets to a path: another mask directory, or a segmentation head to fit on."""
+STAGE_SETTINGS = {"epochs": int, "recipe": str}
+"""FitSettings fields a recipe may set besides paths; every other key is a recipe key (`fit --set`)."""
 
 
 def parse_recipe(text: str) -> tuple[str, dict[str, object]]:
-    """`NAME:key=value,...` → (NAME, overrides), values typed like the FitSettings field they set."""
+    """`NAME:key=value,...` → (NAME, changes): FitSettings fields (paths, `epochs`, `recipe`) typed as such, and every
+    other key as a recipe key under `overrides` (typed and checked as `fit --set KEY=VALUE`)."""
     name, _, assignments = text.partition(":")
-    fields = {field.name: field for field in dataclasses.fields(FitSettings)}
+    changes: dict[str, object] = {}
     overrides: dict[str, object] = {}
     for assignment in filter(None, assignments.split(",")):
         key, _, value = assignment.partition("=")
-        if key not in fields:
-            raise SystemExit(f"recipe {name}: unknown setting {key!r}")
-        overrides[key] = Path(value) if key in PATH_SETTINGS else {"int": int, "float": float, "bool": _boolean, "str": str}[fields[key].type](value)
-    return name, overrides
-
-
-def _boolean(text: str) -> bool:
-    return text.lower() in ("1", "true", "yes")
+        if key in PATH_SETTINGS:
+            changes[key] = Path(value)
+        elif key in STAGE_SETTINGS:
+            changes[key] = STAGE_SETTINGS[key](value)
+        else:
+            try:
+                overrides.update([parse_assignment(assignment)])
+            except PipelineError as error:
+                raise SystemExit(f"recipe {name}: {error}") from None
+    return name, {**changes, "overrides": overrides}
 
 
 def run_one(args: argparse.Namespace, name: str, overrides: dict[str, object], seed: int) -> dict[str, object]:
