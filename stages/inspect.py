@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from pipeline.em.config import EMConfig
-from pipeline.em.vote import e_step
+from pipeline.em.vote import anchored_bias, e_step
 from pipeline.errors import PipelineError
 from pipeline.progress import progress_bar
 from pipeline.ranges import check_ranges
@@ -162,7 +162,11 @@ def _panels(features: FeatureFile, index: int, mask_map: np.ndarray, model: _Mod
                                                          outline=True))]
     if model is not None:
         clean = _logits(model.segmenter, features.features(index), size)
-        pseudo = e_step(clean, torch.tensor(mask_map)[None], model.classes, **model.e_step_options)[0].numpy()
+        options = model.e_step_options
+        if options["rule"] == "anchored":
+            clean = clean + _anchored(model, features.features(index)).view(1, -1, 1, 1)
+            options = {**options, "rule": "restore"}
+        pseudo = e_step(clean, torch.tensor(mask_map)[None], model.classes, **options)[0].numpy()
         panels.append(("pseudo label (clusters)", colourise(pseudo, palette(model.classes))))
     for name, predictor in predictions:
         clusters = _logits(predictor.segmenter, features.flip_average_features(index), size).argmax(dim=1)[0].numpy()
@@ -186,6 +190,14 @@ def _matched(clusters: np.ndarray, cluster_of_class: tuple[int, ...]) -> np.ndar
 
 
 @torch.no_grad()
+def _anchored(model: _Model, tokens: np.ndarray) -> torch.Tensor:
+    """The `anchored` rule's class offsets for one image: θ_M rebalanced to the shares its initial prototypes give
+    the image (the fit took a batch's)."""
+    code = model.segmenter.features(torch.from_numpy(tokens.astype(np.float32))[None])
+    anchor = torch.einsum("bhwc,kc->bkhw", code, model.checkpoint["init"].float())
+    return anchored_bias(model.segmenter.prototypes(code), anchor)
+
+
 def _logits(segmenter: Segmenter, tokens: np.ndarray, size: tuple[int, int]) -> torch.Tensor:
     """θ_M's logits (1×K×H×W) at crop size for one image's g×g×C tokens."""
     return segmenter.pixel_logits(torch.from_numpy(tokens.astype(np.float32))[None], size)

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from pipeline.em import EMConfig, PrimapsEM, majority_vote
+from pipeline.em.vote import anchored_bias
 from pipeline.errors import PipelineError
 
 
@@ -104,7 +105,7 @@ def starving_scenes(seed: int, batch: int = 8):
             basis, to_crop(token_class))
 
 
-@pytest.mark.parametrize("rule", ["majority", "restore"])
+@pytest.mark.parametrize("rule", ["majority", "restore", "anchored"])
 def test_em_keeps_the_minority_class_alive_only_when_the_vote_cannot_starve_it(rule):
     _, _, basis, _ = starving_scenes(0)
     model = PrimapsEM(basis + 0.05, EMConfig(num_classes=3, learning_rate=0.05, ema_every=1, vote=rule))
@@ -118,3 +119,23 @@ def test_em_keeps_the_minority_class_alive_only_when_the_vote_cannot_starve_it(r
         assert recall < 0.1  # the class the vote never gives a mask is learned away
     else:
         assert recall > 0.9
+
+
+def test_anchored_bias_gives_every_class_the_anchors_share_and_revives_a_class_the_teacher_lost():
+    generator = torch.Generator().manual_seed(2)
+    anchor = torch.randn(2, 4, 6, 6, generator=generator) * 3
+    teacher = anchor.clone()
+    teacher[:, 3] -= 50.0  # θ_M no longer predicts class 3 anywhere
+    target = torch.bincount(anchor.argmax(dim=1).flatten(), minlength=4).double() / anchor[:, 0].numel()
+    assert target[3] > 0 and (teacher.argmax(dim=1) == 3).sum() == 0
+    rebalanced = (teacher + anchored_bias(teacher, anchor).view(1, -1, 1, 1)).argmax(dim=1)
+    shares = torch.bincount(rebalanced.flatten(), minlength=4).double() / rebalanced.numel()
+    assert (shares - target).abs().max() < 0.05 and shares[3] > 0
+    # A teacher that already has the anchor's shares keeps its classes: the offsets are (nearly) equal.
+    same = (anchor + anchored_bias(anchor, anchor).view(1, -1, 1, 1)).argmax(dim=1)
+    assert (same == anchor.argmax(dim=1)).double().mean() > 0.95
+    # A class the anchor gives no token gets a finite offset that never wins.
+    absent = anchor.clone()
+    absent[:, 2] = -100.0
+    bias = anchored_bias(teacher, absent)
+    assert torch.isfinite(bias).all() and ((teacher + bias.view(1, -1, 1, 1)).argmax(dim=1) != 2).all()

@@ -15,11 +15,12 @@ from typing import Any, Mapping
 from pipeline.errors import PipelineError
 from pipeline.ranges import MAX_MASK_WEIGHTING, Range
 
-VOTE_RULES = ("majority", "transport", "restore")
+VOTE_RULES = ("majority", "transport", "restore", "anchored")
 """How the E-step turns θ_M's per-pixel classes into pseudo labels: `majority`, the paper's most frequent class per
 mask; `transport`, one class per mask chosen so that every class keeps θ_M's share of the masked pixels;
 `restore`, the majority vote, after which a class the vote left below θ_M's count keeps its own pixels where it
-covers most of a mask (pipeline/em/vote.py)."""
+covers most of a mask; `anchored`, θ_M's classes first rebalanced to the shares the initial prototypes give the
+batch (anchored_bias), then `restore` (pipeline/em/vote.py)."""
 
 LOGITS = ("raw", "cosine")
 """Prototype scores on raw features (the paper) or on L2-normalised ones."""

@@ -12,7 +12,7 @@ from torch import Tensor
 from pipeline.em.config import EMConfig
 from pipeline.em.loss import mask_size_weights, upsampled_pseudo_label_loss
 from pipeline.em.prototypes import Prototypes, upsampled_argmax
-from pipeline.em.vote import IGNORE, vote_pseudo_labels
+from pipeline.em.vote import IGNORE, anchored_bias, vote_pseudo_labels
 from pipeline.errors import PipelineError
 
 
@@ -46,6 +46,7 @@ class PrimapsEM:
         self.device = torch.device(device)
         self.running = self._prototypes_from(init)
         self.momentum = self._prototypes_from(init).requires_grad_(False)
+        self.anchor = self._prototypes_from(init).requires_grad_(False) if config.vote == "anchored" else None
         self.optimizer = torch.optim.Adam(self.running.parameters(), lr=config.learning_rate)
         self.steps = 0
         self.ema_updates = 0
@@ -71,10 +72,15 @@ class PrimapsEM:
         size = tuple(masks.shape[-2:])
 
         with torch.no_grad():
-            pseudo = vote_pseudo_labels(upsampled_argmax(self.momentum(clean), size), masks, self.config.num_classes,
+            teacher = self.momentum(clean)
+            rule = self.config.vote
+            if self.anchor is not None:
+                teacher = teacher + anchored_bias(teacher, self.anchor(clean)).view(1, -1, 1, 1)
+                rule = "restore"
+            pseudo = vote_pseudo_labels(upsampled_argmax(teacher, size), masks, self.config.num_classes,
                                         min_share=self.config.min_share, teacher_fallback=self.config.teacher_fallback,
                                         balance=self.config.vote_balance, keep_share=self.config.keep_share,
-                                        rule=self.config.vote)
+                                        rule=rule)
 
         pixel_weights = mask_size_weights(masks, self.config.mask_weighting) if self.config.mask_weighting else None
         loss = upsampled_pseudo_label_loss(self.running(student), size, pseudo, self.config.gamma, pixel_weights)

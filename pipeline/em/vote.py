@@ -16,6 +16,38 @@ IGNORE = 255
 """Mask id of the background and label value of unlabelled pixels."""
 
 
+_NEVER = -1e6
+ANCHOR_ITERATIONS = 50
+"""Sinkhorn iterations of anchored_bias: the batch's class shares match their target to well under 1e-3 by then."""
+
+
+def anchored_bias(teacher_logits: Tensor, anchor_logits: Tensor, iterations: int = ANCHOR_ITERATIONS) -> Tensor:
+    """K per-class offsets of θ_M's logits so that its classes keep the shares the anchor (the fit's initial
+    prototypes: the Baseline, or a head's cluster probe) gives them on the same B×K×h×w token logits.
+
+    θ_M follows θ_R, which learns θ_M's own pseudo labels, so nothing stops a cluster's share from drifting to zero
+    (measured: clusters of 9–14% at the first epoch end with none). Self-labelling methods prevent this collapse by
+    an equipartition constraint solved with Sinkhorn-Knopp (SeLa, SwAV); here the target marginal is not uniform but
+    the anchor's own hard class shares on the batch, which adapt to the images in it and never drift. The soft
+    assignment Q = diag(u)·P·diag(v) of θ_M's softmax P (tokens × classes) is scaled in the log domain until every
+    token carries mass 1/N and class k mass r_k; log v is returned, and argmax(logits + log v) is θ_M's rebalanced
+    class. A class the anchor gives no token in the batch gets −1e6 (finite, so that bilinear upsampling's zero
+    weights cannot make NaN of it), which never wins. Written by hand: 10 lines of log-domain
+    Sinkhorn, not worth a dependency (POT).
+    """
+    classes = teacher_logits.shape[1]
+    log_p = torch.log_softmax(teacher_logits.double(), dim=1).permute(0, 2, 3, 1).reshape(-1, classes)
+    shares = torch.bincount(anchor_logits.argmax(dim=1).flatten(), minlength=classes).double() / len(log_p)
+    log_target = shares.log()
+    log_u = torch.zeros(len(log_p), dtype=torch.float64, device=log_p.device)
+    log_v = torch.zeros(classes, dtype=torch.float64, device=log_p.device)
+    token_mass = -torch.log(torch.tensor(float(len(log_p)), dtype=torch.float64))
+    for _ in range(iterations):
+        log_v = log_target - torch.logsumexp(log_p + log_u[:, None], dim=0)
+        log_u = token_mass - torch.logsumexp(log_p + log_v[None, :], dim=1)
+    return torch.nan_to_num(log_v, neginf=_NEVER).to(teacher_logits.dtype)
+
+
 def transport_winners(votes: Tensor) -> Tensor:
     """The class of every mask (M×K pixel counts of θ_M's classes → M class ids) under the share constraint.
 
