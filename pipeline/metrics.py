@@ -1,4 +1,4 @@
-"""The STEGO-family evaluation protocol (METHOD.md §5): one confusion matrix for the whole split,
+"""The STEGO-family evaluation protocol (docs/method.md §5): one confusion matrix for the whole split,
 one Hungarian matching of clusters to classes, then pixel accuracy, mIoU and per-class IoU in %.
 
 Matching per image would inflate the numbers, so the evaluator only accumulates counts until

@@ -98,7 +98,7 @@ def _dinov3(
 
 
 # Default resolutions: 320 px → 40×40 tokens at /8 and 20×20 at /16 (DINOv3 included); the /14 models use
-# 322 px → 23×23 tokens (METHOD.md §1). DINO was trained at 224 px, DINOv2 at 518 px (its 37×37 grid).
+# 322 px → 23×23 tokens (docs/method.md §1). DINO was trained at 224 px, DINOv2 at 518 px (its 37×37 grid).
 BACKBONES: dict[str, BackboneSpec] = {
     spec.name: spec
     for spec in (

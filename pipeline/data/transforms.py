@@ -1,6 +1,6 @@
 """The image and label transforms shared by every stage.
 
-Geometry follows the STEGO-family protocol (METHOD.md §1): resize the shorter side to the crop size,
+Geometry follows the STEGO-family protocol (docs/method.md §1): resize the shorter side to the crop size,
 then take the central square, with bilinear resampling for images and nearest for labels so that
 labels never gain values. Sizes and crop offsets follow torchvision's ``Resize(int)`` +
 ``CenterCrop`` on PIL images (longer side truncated, offset rounded), which the reference
@@ -60,7 +60,7 @@ def normalize_crops(crops: np.ndarray) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class PhotometricAugmentation:
-    """PriMaPs-EM's student-view augmentation (METHOD.md §4).
+    """PriMaPs-EM's student-view augmentation (docs/method.md §4).
 
     Gaussian blur with σ drawn from ``blur_sigma`` is always applied; then colour jitter with
     probability ``jitter_p`` (brightness, contrast, saturation and hue, each of strength
