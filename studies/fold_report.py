@@ -3,8 +3,9 @@
 For every (recipe, dataset) of a recipe_cv work folder (its rows.jsonl and the evaluation folders beside it) this
 prints the fold-mean gain over the fold Baselines, the gain per fold, how many clusters θ_M predicts on each held-out
 fold and how many own pseudo labels in the fit's last epoch (the history's class shares), and every class's
-fold-mean IoU change, worst first. `--check` applies the eligibility rule of docs/results/em-vote-rules.md: every
-cluster owns pseudo labels at the end of every fit and no class falls by more than 10 IoU on the fold mean.
+fold-mean IoU change, worst first, and whether the recipe is eligible by the rule of docs/results/em-vote-rules.md:
+θ_M predicts every cluster on every held-out fold, every cluster owns pseudo labels at the end of every fit, and no
+class falls by more than 10 IoU on the fold mean.
 
 Example:
   .venv/bin/python studies/fold_report.py /work/study/A_camvid /work/study/A_msrc
@@ -48,7 +49,8 @@ def summarise(work: Path, recipe: str, dataset: str, rows: list[dict]) -> dict:
     return {"recipe": recipe, "dataset": dataset, "folds": len(group), "mean": np.mean(gains, axis=0),
             "per_fold": gains, "predicted": predicted, "labelled": labelled, "clusters": clusters,
             "per_class": dict(sorted(per_class.items(), key=lambda item: item[1])),
-            "eligible": min(labelled) == clusters and min(per_class.values()) >= WORST_CLASS_DROP}
+            "eligible": min(predicted) == clusters and min(labelled) == clusters
+            and min(per_class.values()) >= WORST_CLASS_DROP}
 
 
 def main() -> None:

@@ -540,7 +540,7 @@ def test_out_of_range_params_yaml_keys_and_settings_are_refused(tmp_path):
     with pytest.raises(PipelineError, match=r"^--set learning_rat: not a recipe key; choose one of learning_rate, "):
         FitSettings(features=tmp_path / "f.h5", masks=tmp_path / "m", classes=3, out=tmp_path / "m.pt",
                     overrides={"learning_rat": 0.1})
-    with pytest.raises(PipelineError, match=r"^--recipe papr: unknown recipe; choose one of paper, tuned, head$"):
+    with pytest.raises(PipelineError, match=r"^--recipe papr: unknown recipe; choose one of paper, tuned, head, anchored$"):
         FitSettings(features=tmp_path / "f.h5", masks=tmp_path / "m", classes=3, out=tmp_path / "m.pt", recipe="papr")
 
 

@@ -158,3 +158,28 @@ def test_predictions_are_recoloured_by_the_class_each_cluster_was_matched_to():
 
     clusters = np.array([[0, 1], [2, 3]])
     np.testing.assert_array_equal(_matched(clusters, (2, 0, -1)), [[1, 255], [0, 255]])
+
+
+def test_a_model_from_before_recipes_still_predicts_and_inspect_names_the_fix(camvid_features, camvid_masks, model,
+                                                                              tmp_path):
+    """A model file written before the EM configuration was stored: prediction needs only its prototypes; the
+    pseudo-label panel needs the E-step's configuration, so inspect refuses in one line naming `fit`."""
+    old = load_checkpoint(model)
+    for key in ("em_config", "recipe_name"):
+        old.pop(key)
+    save_checkpoint(tmp_path / "old.pt", {key: value for key, value in old.items() if key != "format_version"})
+    photo = tmp_path / "crop.png"
+    with FeatureFile(camvid_features) as features:
+        Image.fromarray(features.crop(0)).save(photo)
+    run_predict(PredictSettings(model=tmp_path / "old.pt", images=(photo,), out=tmp_path / "out", device="cpu"),
+                progress=False)
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "out" / "crop.png")),
+                          np.asarray(Image.open(_predicted(model, photo, tmp_path / "new"))))
+    with pytest.raises(PipelineError, match=r"old\.pt: written by an older primaps-pipeline .* rerun `fit` with --overwrite$"):
+        run_inspect(InspectSettings(features=camvid_features, masks=camvid_masks, out=tmp_path / "inspect",
+                                    model=tmp_path / "old.pt", sample=1), progress=False)
+
+
+def _predicted(model: Path, photo: Path, out: Path) -> Path:
+    run_predict(PredictSettings(model=model, images=(photo,), out=out, device="cpu"), progress=False)
+    return out / photo.name

@@ -97,54 +97,44 @@ def _dinov3(
                         proposals=CENTRED_PROPOSALS, dinov3=options)
 
 
-# Default resolutions: 320 px → 40×40 tokens at /8 and 20×20 at /16 (DINOv3 included); the /14 models use
-# 322 px → 23×23 tokens (docs/method.md §1). DINO was trained at 224 px, DINOv2 at 518 px (its 37×37 grid).
+# The constants a family or a size shares, spelled once. Default resolutions: 320 px → 40×40 tokens at /8 and
+# 20×20 at /16 (DINOv3 included); the /14 models use 322 px → 23×23 tokens (docs/method.md §1). DINO was trained at
+# 224 px, DINOv2 at 518 px (its 37×37 grid).
+VIT_S = {"arch": "vit_small", "embed_dim": 384, "depth": 12, "num_heads": 6}
+VIT_B = {"arch": "vit_base", "embed_dim": 768, "depth": 12, "num_heads": 12}
+DINO = {"family": "dino", "train_resolution": 224, "default_resolution": 320, "proposals": PAPER_PROPOSALS}
+DINOV2 = {"family": "dinov2", "train_resolution": 518, "default_resolution": 322, "proposals": CENTRED_PROPOSALS}
+DINOV3 = {"patch_size": 16, "n_storage_tokens": 4, "layer_norm_eps": 1e-5, "rope_base": 100.0, "default_resolution": 320}
+MLP = {"ffn_layer": "mlp", "ffn_ratio": 4.0}
+SWIGLU = {"ffn_layer": "swiglu", "ffn_ratio": 6.0}
+
 BACKBONES: dict[str, BackboneSpec] = {
     spec.name: spec
     for spec in (
-        _dino(name="dino_vits8", family="dino", arch="vit_small", patch_size=8, embed_dim=384, depth=12,
-              num_heads=6, train_resolution=224, default_resolution=320,
-              proposals=PAPER_PROPOSALS, official_filename="dino_deitsmall8_pretrain.pth"),
-        _dino(name="dino_vits16", family="dino", arch="vit_small", patch_size=16, embed_dim=384, depth=12,
-              num_heads=6, train_resolution=224, default_resolution=320,
-              proposals=PAPER_PROPOSALS, official_filename="dino_deitsmall16_pretrain.pth"),
-        _dino(name="dino_vitb8", family="dino", arch="vit_base", patch_size=8, embed_dim=768, depth=12,
-              num_heads=12, train_resolution=224, default_resolution=320,
-              proposals=PAPER_PROPOSALS, official_filename="dino_vitbase8_pretrain.pth"),
-        _dino(name="dino_vitb16", family="dino", arch="vit_base", patch_size=16, embed_dim=768, depth=12,
-              num_heads=12, train_resolution=224, default_resolution=320,
-              proposals=PAPER_PROPOSALS, official_filename="dino_vitbase16_pretrain.pth"),
-        _dino(name="dinov2_vits14", family="dinov2", arch="vit_small", patch_size=14, embed_dim=384, depth=12,
-              num_heads=6, train_resolution=518, default_resolution=322,
-              proposals=CENTRED_PROPOSALS, official_filename="dinov2_vits14_pretrain.pth"),
-        _dino(name="dinov2_vitb14", family="dinov2", arch="vit_base", patch_size=14, embed_dim=768, depth=12,
-              num_heads=12, train_resolution=518, default_resolution=322,
-              proposals=CENTRED_PROPOSALS, official_filename="dinov2_vitb14_pretrain.pth"),
+        _dino(name="dino_vits8", patch_size=8, **VIT_S, **DINO, official_filename="dino_deitsmall8_pretrain.pth"),
+        _dino(name="dino_vits16", patch_size=16, **VIT_S, **DINO, official_filename="dino_deitsmall16_pretrain.pth"),
+        _dino(name="dino_vitb8", patch_size=8, **VIT_B, **DINO, official_filename="dino_vitbase8_pretrain.pth"),
+        _dino(name="dino_vitb16", patch_size=16, **VIT_B, **DINO, official_filename="dino_vitbase16_pretrain.pth"),
+        _dino(name="dinov2_vits14", patch_size=14, **VIT_S, **DINOV2, official_filename="dinov2_vits14_pretrain.pth"),
+        _dino(name="dinov2_vitb14", patch_size=14, **VIT_B, **DINOV2, official_filename="dinov2_vitb14_pretrain.pth"),
         # A Hugging Face Dinov2Model export: it resizes position embeddings to the exact grid.
-        _dino(name=IMGFOCUS, family="dinov2", arch="vit_small", patch_size=14, embed_dim=384, depth=12,
-              num_heads=6, train_resolution=518, default_resolution=322,
-              proposals=CENTRED_PROPOSALS, official_filename=None, position_interpolation="exact_size"),
-        # DINOv3 (dinov3/hub/backbones.py): every size has 4 storage tokens, RoPE base 100 and LayerNorm eps 1e-5;
-        # `arch` is the hub's compact name. The SAT-493M ViT-L is its own entry: its file has two more tensors.
-        _dinov3(name="dinov3_vits16", arch="vits", patch_size=16, embed_dim=384, depth=12, num_heads=6,
-                ffn_layer="mlp", ffn_ratio=4.0, n_storage_tokens=4, layer_norm_eps=1e-5, rope_base=100.0,
-                default_resolution=320, official_filename="dinov3_vits16_pretrain_lvd1689m-08c60483.pth"),
-        _dinov3(name="dinov3_vits16plus", arch="vitsplus", patch_size=16, embed_dim=384, depth=12, num_heads=6,
-                ffn_layer="swiglu", ffn_ratio=6.0, n_storage_tokens=4, layer_norm_eps=1e-5, rope_base=100.0,
-                default_resolution=320, official_filename="dinov3_vits16plus_pretrain_lvd1689m-4057cbaa.pth"),
-        _dinov3(name="dinov3_vitb16", arch="vitb", patch_size=16, embed_dim=768, depth=12, num_heads=12,
-                ffn_layer="mlp", ffn_ratio=4.0, n_storage_tokens=4, layer_norm_eps=1e-5, rope_base=100.0,
-                default_resolution=320, official_filename="dinov3_vitb16_pretrain_lvd1689m-73cec8be.pth"),
-        _dinov3(name="dinov3_vitl16", arch="vitl", patch_size=16, embed_dim=1024, depth=24, num_heads=16,
-                ffn_layer="mlp", ffn_ratio=4.0, n_storage_tokens=4, layer_norm_eps=1e-5, rope_base=100.0,
-                default_resolution=320, official_filename="dinov3_vitl16_pretrain_lvd1689m-8aa4cbdd.pth"),
-        _dinov3(name="dinov3_vitl16_sat493m", arch="vitl", patch_size=16, embed_dim=1024, depth=24, num_heads=16,
-                ffn_layer="mlp", ffn_ratio=4.0, n_storage_tokens=4, layer_norm_eps=1e-5, rope_base=100.0,
-                default_resolution=320, official_filename="dinov3_vitl16_pretrain_sat493m-eadcf0ff.pth",
-                local_cls_norm=True, input_mean=SAT493M_MEAN, input_std=SAT493M_STD),
-        _dinov3(name="dinov3_vith16plus", arch="vithplus", patch_size=16, embed_dim=1280, depth=32, num_heads=20,
-                ffn_layer="swiglu", ffn_ratio=6.0, n_storage_tokens=4, layer_norm_eps=1e-5, rope_base=100.0,
-                default_resolution=320, official_filename="dinov3_vith16plus_pretrain_lvd1689m-7c1da9a5.pth"),
+        _dino(name=IMGFOCUS, patch_size=14, **VIT_S, **DINOV2, official_filename=None,
+              position_interpolation="exact_size"),
+        # DINOv3 (dinov3/hub/backbones.py); `arch` is the hub's compact name. The SAT-493M ViT-L is its own entry:
+        # its file has two more tensors and its own input normalisation.
+        _dinov3(name="dinov3_vits16", arch="vits", embed_dim=384, depth=12, num_heads=6, **MLP, **DINOV3,
+                official_filename="dinov3_vits16_pretrain_lvd1689m-08c60483.pth"),
+        _dinov3(name="dinov3_vits16plus", arch="vitsplus", embed_dim=384, depth=12, num_heads=6, **SWIGLU, **DINOV3,
+                official_filename="dinov3_vits16plus_pretrain_lvd1689m-4057cbaa.pth"),
+        _dinov3(name="dinov3_vitb16", arch="vitb", embed_dim=768, depth=12, num_heads=12, **MLP, **DINOV3,
+                official_filename="dinov3_vitb16_pretrain_lvd1689m-73cec8be.pth"),
+        _dinov3(name="dinov3_vitl16", arch="vitl", embed_dim=1024, depth=24, num_heads=16, **MLP, **DINOV3,
+                official_filename="dinov3_vitl16_pretrain_lvd1689m-8aa4cbdd.pth"),
+        _dinov3(name="dinov3_vitl16_sat493m", arch="vitl", embed_dim=1024, depth=24, num_heads=16, **MLP, **DINOV3,
+                official_filename="dinov3_vitl16_pretrain_sat493m-eadcf0ff.pth", local_cls_norm=True,
+                input_mean=SAT493M_MEAN, input_std=SAT493M_STD),
+        _dinov3(name="dinov3_vith16plus", arch="vithplus", embed_dim=1280, depth=32, num_heads=20, **SWIGLU, **DINOV3,
+                official_filename="dinov3_vith16plus_pretrain_lvd1689m-7c1da9a5.pth"),
     )
 }
 

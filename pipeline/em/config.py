@@ -88,15 +88,18 @@ def key_field(key: str) -> Any:
 TUNED_TOKENS = {"learning_rate": 2e-3, "ema_every": 1, "ema_max_decay": 0.9, "vote_balance": 0.5, "keep_share": 0.3,
                 "teacher_fallback": True, "mask_weighting": 1.0}
 HEAD_CODE = {"learning_rate": 2e-3, "teacher_fallback": True}
+ANCHORED_TOKENS = {**TUNED_TOKENS, "vote": "anchored", "vote_balance": 0.0, "keep_share": 1.0}
 
 RECIPES: dict[str, dict[str, Any]] = {
     "paper": {},
     "tuned": TUNED_TOKENS,
     "head": HEAD_CODE,
+    "anchored": ANCHORED_TOKENS,
 }
 """Named recipes, each the keys it changes from the paper's values. `paper`: the authors' values. `tuned`: the
 recipe chosen for raw tokens by the training-fold protocol; `head`: the one chosen for a head's code
-(docs/results/em-recipe.md)."""
+(docs/results/em-recipe.md, heads.md). `anchored`: `tuned` with the anchored vote instead of the balanced one,
+which keeps every cluster alive at a cost in pixel accuracy (docs/results/em-vote-rules.md)."""
 
 DEFAULT_RECIPES = {"tokens": "tuned", "head": "head"}
 """The recipe a fit uses when none is named: on raw tokens, and on a head's code."""
