@@ -134,7 +134,7 @@ def upsampled_pseudo_label_loss(logits: Tensor, size: tuple[int, int], pseudo: T
                                 pixel_weights: Tensor | None = None) -> Tensor:
     """`pseudo_label_loss(upsample_logits(logits, size), pseudo, gamma, pixel_weights)` from B×K×h×w token logits,
     equal up to float rounding, with about half the CPU time and a fraction of the memory (see
-    _UpsampledPseudoLabelLoss; README, Performance); the M-step's loss.
+    _UpsampledPseudoLabelLoss; docs/performance.md); the M-step's loss.
     """
     if tuple(pseudo.shape[-2:]) != tuple(size):
         raise PipelineError(f"upsampled_pseudo_label_loss: pseudo labels of size {tuple(pseudo.shape[-2:])} "

@@ -26,7 +26,7 @@ def anchored_bias(teacher_logits: Tensor, anchor_logits: Tensor, iterations: int
     prototypes: the Baseline, or a head's cluster probe) gives them on the same B×K×h×w token logits.
 
     θ_M follows θ_R, which learns θ_M's own pseudo labels, so nothing stops a cluster's share from drifting to zero
-    (measured: clusters of 9–14% at the first epoch end with none). Self-labelling methods prevent this collapse by
+    (docs/results/em-vote-rules.md). Self-labelling methods prevent this collapse by
     an equipartition constraint solved with Sinkhorn-Knopp (SeLa, SwAV); here the target marginal is not uniform but
     the anchor's own hard class shares on the batch, which adapt to the images in it and never drift. The soft
     assignment Q = diag(u)·P·diag(v) of θ_M's softmax P (tokens × classes) is scaled in the log domain until every

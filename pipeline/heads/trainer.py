@@ -18,7 +18,7 @@ PROBES = ("kmeans", "online")
 """How the finished head's cluster probe is made: `kmeans` (default) re-fits it once training ends as spherical
 k-means of the code (PCA start, as the Baseline is made from the tokens); `online` keeps STEGO's probe, trained
 beside the head by hard-assignment gradient steps from random centroids, whose unused centroids never move
-(on CamVid it kept 5–7 of 11 clusters alive)."""
+(docs/deviations.md)."""
 
 PROBE_ITERATIONS = 100
 """k-means iterations of the refitted probe: the fit's Baseline default."""
