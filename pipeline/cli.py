@@ -304,8 +304,9 @@ def predict(model, images, out, crf, device, weights) -> None:
     """Segment image files of any size with the model's own backbone (named in the checkpoint).
 
     Each image is resized (bilinear, aspect kept) so its shorter side is the model's resolution R, and each
-    side is rounded to the nearest multiple of the patch size; the whole image goes through the ViT (no crop:
-    position embeddings are interpolated). θ_M's logits are upsampled bilinearly to the original size,
+    side is rounded to the nearest multiple of the patch size; a grid above 4096 tokens (a long thin image)
+    is scaled down until it fits, which bounds the time and memory per image. The whole image goes through
+    the ViT (no crop: position embeddings are interpolated). θ_M's logits are upsampled bilinearly to the original size,
     optionally CRF-refined on the original image, and their argmax is written as cluster ids."""
     from stages.predict import PredictSettings, run_predict
 

@@ -26,7 +26,8 @@ from pipeline.progress import progress_bar
 from pipeline.ranges import check_ranges
 from pipeline.segmenter import Segmenter, load_segmenter
 from pipeline.store.atomic import write_json_atomic, write_text_atomic
-from pipeline.store.checkpoints import load_checkpoint, require_matching_features
+from pipeline.store.checkpoints import require_matching_features
+from pipeline.store.models import load_model
 from pipeline.store.features import FeatureFile, shared_feature_file
 from pipeline.store.image_lists import read_image_list, select_indices
 from pipeline.viz import save_cluster_share_figure, save_confusion_figure
@@ -77,8 +78,8 @@ def run_evaluate(settings: EvaluateSettings, progress: bool = True) -> dict[str,
                                      keep_listed=True)
         results: dict[str, Any] = {}
         for role, path in models.items():
-            checkpoint = load_checkpoint(path)
-            require_matching_features(path, checkpoint, settings.features, features.provenance)
+            checkpoint = load_model(path)
+            require_matching_features(path, checkpoint, settings.features, features.provenance, features.dim)
             model = load_segmenter(checkpoint)
             evaluator, usage = _score(model, features, indices, class_names, settings, progress)
             scores: dict[str, Any] = {"model": str(path), "kind": checkpoint["kind"],

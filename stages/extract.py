@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from pipeline import __version__
-from pipeline.backbones import Backbone, build_backbone, get_spec
+from pipeline.backbones import Backbone, BackboneSpec, build_backbone, get_spec
 from pipeline.backbones.checkpoint import tensors_fingerprint
 from pipeline.data import (
     IMAGENET_MEAN,
@@ -29,6 +29,7 @@ from pipeline.data import (
     prepare_crop,
     prepare_label,
 )
+from pipeline.budget import FLOAT_BYTES, require_within_budget
 from pipeline.device import resolve_device
 from pipeline.errors import PipelineError
 from pipeline.progress import progress_bar
@@ -109,6 +110,7 @@ def run_extract(settings: ExtractSettings, progress: bool = True) -> ExtractSumm
     dataset = open_dataset(settings.dataset, settings.root, settings.split, max_images=settings.max_images,
                            **settings.dataset_options())
     names = tuple(dataset.image_name(index) for index in range(len(dataset)))
+    _require_batch_fits(spec, settings, resolution, len(names))
     model, weights_id = build_backbone(settings.backbone, settings.weights, random_init=settings.random_init)
     augmentation = PhotometricAugmentation()
     provenance = {
@@ -155,6 +157,18 @@ def run_extract(settings: ExtractSettings, progress: bool = True) -> ExtractSumm
         writer.close()
     return ExtractSummary(Path(settings.out), len(names), extracted, skipped, time.perf_counter() - started,
                           writer.restarted)
+
+
+def _require_batch_fits(spec: BackboneSpec, settings: ExtractSettings, resolution: int, images: int) -> None:
+    """Refuse a batch whose encoding would not fit the memory bound (pipeline/budget.py): a batch holds every
+    crop and view of up to `--batch-size` images, and the largest forward pass encodes all views at once."""
+    batch = min(settings.batch_size, images)
+    forward = spec.encode_bytes(batch * max(settings.views, 1), resolution, resolution)
+    tokens = (resolution // spec.patch_size) ** 2 * spec.embed_dim * (2 + settings.views)
+    held = batch * (3 * resolution ** 2 * (1 + settings.views) + FLOAT_BYTES * tokens)
+    require_within_budget("extract", forward + held, resolve_device(settings.device),
+                          f"--batch-size {settings.batch_size} at --resolution {resolution} with --views {settings.views}",
+                          "lower --batch-size (memory grows with it, not with the split) or --resolution")
 
 
 def mirrored_views(settings: ExtractSettings) -> tuple[bool, ...]:

@@ -20,11 +20,12 @@ import torch
 from tqdm import tqdm
 
 from pipeline import __version__
+from pipeline.budget import require_within_budget
 from pipeline.device import resolve_device
 from pipeline.backbones.checkpoint import tensors_fingerprint
 from pipeline.em.initialisation import faiss_gpus, pca_directions, spherical_kmeans
 from pipeline.em.config import DEFAULT_RECIPES, RECIPES, EMConfig, resolve
-from pipeline.em.model import PrimapsEM
+from pipeline.em.model import PrimapsEM, step_bytes
 from pipeline.errors import PipelineError
 from pipeline.heads import build_head
 from pipeline.heads.stego import SegmentationHead
@@ -129,6 +130,16 @@ def history_path(settings: FitSettings) -> Path:
     return settings.history_out or settings.out.with_name(settings.out.stem + ".history.json")
 
 
+def _require_step_fits(settings: FitSettings, config: EMConfig, features: FeatureFile, images: int,
+                       head: dict[str, Any] | None, device: torch.device) -> None:
+    """Refuse a recipe whose EM step would not fit the memory bound (pipeline/budget.py); a head's code is
+    computed beside the tokens it is made of."""
+    dim = features.dim + (int(head["clusters"].shape[1]) if head is not None else 0)
+    needed = step_bytes(min(config.batch_size, images), features.resolution, features.grid, dim, settings.classes)
+    require_within_budget("fit", needed, device, f"--classes {settings.classes} with batch_size {config.batch_size}",
+                          "lower the recipe's batch_size (--set batch_size=N) or --classes")
+
+
 def _write_history(settings: FitSettings, history: list[dict[str, Any]]) -> None:
     path = history_path(settings)
     write_json_atomic(path, history)
@@ -164,6 +175,7 @@ def run_fit(settings: FitSettings, progress: bool = True, stop_after_epochs: int
             return FitSummary(settings.out, 0, existing["history"][-1]["loss"],
                               existing["history"][-1]["labelled_fraction"], time.perf_counter() - started, restored)
         device = resolve_device(settings.device)
+        _require_step_fits(settings, config, features, len(indices), head, device)
         if head is None:
             init = _baseline(settings, features, indices, settings.init_recipe(holdout),
                              gpu=device.type == "cuda" and faiss_gpus() > 0,
@@ -275,7 +287,7 @@ def _head_of(path: Path, features: FeatureFile) -> dict[str, Any]:
     """The head (from `head`, trained or imported) to embed in the model, after checking it belongs to the
     backbone that made these features."""
     record = load_head(path)
-    require_head_matches_features(path, record, features.path, features.provenance)
+    require_head_matches_features(path, record, features.path, features.provenance, features.dim)
     embedded = {key: record[key] for key in ("head_type", "source", "state", "clusters", "backbone",
                                              "backbone_tensors_sha256")}
     embedded["fingerprint"] = fingerprint(tensors_fingerprint({**record["state"], "clusters": record["clusters"]}))

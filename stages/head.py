@@ -23,12 +23,13 @@ from torch import Tensor
 
 from pipeline.backbones.checkpoint import sha256_file
 from pipeline.backbones.registry import get_spec
+from pipeline.budget import require_within_budget
 from pipeline.device import resolve_device
 from pipeline.errors import PipelineError
 from pipeline.heads.neighbours import global_descriptor, nearest_images
 from pipeline.heads.registry import get_head_spec
 from pipeline.heads.stego_loss import CorrelationConfig
-from pipeline.heads.trainer import PROBES, HeadTrainer, epoch_batches, kmeans_probe, neighbour_partners
+from pipeline.heads.trainer import PROBES, HeadTrainer, epoch_batches, kmeans_probe, neighbour_partners, step_bytes
 from pipeline.progress import progress_bar
 from pipeline.ranges import check_ranges
 from pipeline.store.checkpoints import save_checkpoint
@@ -105,6 +106,16 @@ class HeadSummary:
         return f"head: {self.path}: {self.epochs_run} epochs run now; last epoch {losses}; {self.seconds:.1f} s"
 
 
+def _require_step_fits(settings: TrainHeadSettings, features: FeatureFile, images: int, device: torch.device) -> None:
+    """Refuse options whose training step would not fit the memory bound (pipeline/budget.py)."""
+    needed = step_bytes(min(settings.batch_size, images), (features.grid, features.grid), features.dim,
+                        settings.code_dim, settings.correlation())
+    require_within_budget("head", needed, device,
+                          f"--batch-size {settings.batch_size}, --feature-samples {settings.feature_samples}, "
+                          f"--neg-samples {settings.neg_samples} and --code-dim {settings.code_dim}",
+                          "lower --feature-samples (pairs grow with its fourth power), --batch-size or --code-dim")
+
+
 def neighbours_path(settings: TrainHeadSettings) -> Path:
     return settings.neighbours_out or settings.out.with_name(settings.out.stem + ".neighbours.npz")
 
@@ -123,8 +134,9 @@ def run_train_head(settings: TrainHeadSettings, progress: bool = True,
         if existing is not None and existing.get("complete"):
             return HeadSummary(settings.out, 0, existing["history"][-1], time.perf_counter() - started)
         indices = features.valid_indices()
-        neighbours = _neighbours(settings, features, indices, center, center_rule)
         device = resolve_device(settings.device)
+        _require_step_fits(settings, features, len(indices), device)
+        neighbours = _neighbours(settings, features, indices, center, center_rule)
         trainer = HeadTrainer(feature_dim=features.dim, code_dim=settings.code_dim, clusters=settings.clusters,
                               correlation=settings.correlation(), learning_rate=settings.learning_rate,
                               probe_learning_rate=settings.probe_learning_rate, seed=settings.seed, device=device)
@@ -208,10 +220,8 @@ def run_import_head(settings: ImportHeadSettings) -> str:
     foreign = spec.read_official(settings.checkpoint)
     with FeatureFile(settings.features) as features:
         record = {"backbone": foreign.backbone, "backbone_tensors_sha256": foreign.backbone_tensors_sha256}
-        require_head_matches_features(settings.checkpoint, record, settings.features, features.provenance)
-        if foreign.feature_dim != features.dim:
-            raise PipelineError(f"{settings.checkpoint}: head takes {foreign.feature_dim}-dim tokens, "
-                                f"{settings.features} holds {features.dim}-dim ones")
+        require_head_matches_features(settings.checkpoint, {**record, "state": foreign.head_state},
+                                      settings.features, features.provenance, features.dim)
     save_checkpoint(settings.out, imported_head_record(spec.name, settings.checkpoint, sha256_file(settings.checkpoint),
                                                        foreign.head_state, foreign.clusters, record))
     return (f"head: {settings.out}: {spec.name} head {foreign.feature_dim} → {foreign.code_dim} dims, "

@@ -24,9 +24,9 @@ from pipeline.ranges import check_ranges
 from pipeline.segmenter import Segmenter, load_segmenter
 from pipeline.store import masks as mask_store
 from pipeline.store.atomic import write_text_atomic
-from pipeline.store.checkpoints import load_checkpoint, require_matching_features
+from pipeline.store.checkpoints import require_matching_features
 from pipeline.store.features import FeatureFile
-from pipeline.store.models import fitted_config
+from pipeline.store.models import fitted_config, load_model
 from pipeline.store.names import name_path
 from pipeline.viz import (
     colour_legend_html,
@@ -148,8 +148,8 @@ def choose_images(features: FeatureFile, records: dict[str, mask_store.MaskRecor
 
 
 def _load_model(path: Path, features: FeatureFile) -> _Model:
-    checkpoint = load_checkpoint(path)
-    require_matching_features(path, checkpoint, features.path, features.provenance)
+    checkpoint = load_model(path)
+    require_matching_features(path, checkpoint, features.path, features.provenance, features.dim)
     return _Model(Path(path), checkpoint, load_segmenter(checkpoint))
 
 

@@ -2,7 +2,9 @@
 
 Sizing: the whole image is resized (bilinear, aspect kept) so that its shorter side is the model's
 resolution R, and each side is then rounded to the nearest multiple of the patch size (the aspect ratio
-changes by at most half a patch); no crop is taken, because the ViT interpolates its position embeddings
+changes by at most half a patch). A long thin image would then ask for an unbounded token grid (4000×10
+pixels at R = 322 are ~200k tokens, whose attention runs for minutes), so a grid above MAX_TOKENS tokens is
+scaled down, aspect kept, until it fits (each side at least one patch). No crop is taken, because the ViT interpolates its position embeddings
 to any token grid (DINOv3's rotary embeddings need no interpolation). θ_M's logits are upsampled bilinearly
 to the ORIGINAL image size, optionally refined by the dense CRF on the original image, and their argmax is
 the cluster-id map. Unlike `evaluate`, no flip averaging is done.
@@ -30,12 +32,15 @@ from pipeline.errors import PipelineError
 from pipeline.progress import progress_bar
 from pipeline.segmenter import Segmenter, load_segmenter
 from pipeline.store.atomic import write_json_atomic
-from pipeline.store.checkpoints import load_checkpoint
+from pipeline.store.models import load_model
 from pipeline.store.names import name_path, unsafe_reason
 from pipeline.viz import overlay, palette, save_png
 
 
 OVERLAY_SUFFIX = "_overlay"
+MAX_TOKENS = 4096
+"""Most patch tokens the backbone sees per image (a 64×64 grid; the cached features use 23×23 at R = 322):
+bounds predict's time and attention memory per image whatever the image's shape."""
 
 
 @dataclass(frozen=True)
@@ -61,11 +66,19 @@ class PredictSummary:
         return f"predict: {self.images} images segmented into {self.out} in {self.seconds:.1f} s"
 
 
-def model_input_size(width: int, height: int, resolution: int, patch_size: int) -> tuple[int, int]:
-    """(width, height) the backbone sees: shorter side → `resolution`, each side rounded to the nearest
-    multiple of `patch_size` (at least one patch)."""
+def model_input_size(width: int, height: int, resolution: int, patch_size: int,
+                     max_tokens: int = MAX_TOKENS) -> tuple[int, int]:
+    """(width, height) the backbone sees: shorter side → `resolution`, scaled down further when the grid
+    would exceed `max_tokens`, each side rounded to a multiple of `patch_size` (at least one patch)."""
     scale = resolution / min(width, height)
-    return tuple(max(patch_size, patch_size * round(side * scale / patch_size)) for side in (width, height))
+    tokens = width * height * (scale / patch_size) ** 2
+    if tokens > max_tokens:
+        scale *= (max_tokens / tokens) ** 0.5
+    grid = [max(1, round(side * scale / patch_size)) for side in (width, height)]
+    while grid[0] * grid[1] > max_tokens:  # rounding up, or the one-patch floor on a very thin side
+        longer = int(grid[1] > grid[0])
+        grid[longer] -= 1
+    return tuple(patch_size * cells for cells in grid)
 
 
 @torch.inference_mode()
@@ -87,7 +100,7 @@ def run_predict(settings: PredictSettings, progress: bool = True) -> PredictSumm
     """Segment every image of `settings.images` into `DIR/<stem>.png` and `DIR/<stem>_overlay.png`."""
     started = time.perf_counter()
     stems = _check_images(settings.images)
-    checkpoint = load_checkpoint(settings.model)
+    checkpoint = load_model(settings.model)
     fitted = checkpoint["features_provenance"]
     _require_imagenet_normalisation(settings.model, fitted)
     backbone = _build_backbone(settings, fitted)

@@ -18,7 +18,7 @@ from pathlib import Path
 from pipeline.errors import PipelineError
 from pipeline.ranges import check_ranges
 from pipeline.store.atomic import atomic_path, write_text_atomic
-from pipeline.store.checkpoints import load_checkpoint
+from pipeline.store.models import load_model
 from pipeline.viz import definition_table_html, gallery_html, markdown_table_html, save_history_figure
 from stages.evaluate import CLUSTERS_NAME, CONFUSION_NAME, FIGURES_DIRECTORY, EvaluateSettings, model_rows
 from stages.inspect import InspectSettings, run_inspect
@@ -109,7 +109,7 @@ def _metrics_sections(settings: ReportSettings) -> tuple[list[str], bool]:
 
 def _history_section(settings: ReportSettings) -> list[str]:
     """The model's loss and pseudo-label curves, drawn from the history its checkpoint carries."""
-    history = load_checkpoint(settings.model).get("history") or []
+    history = load_model(settings.model).get("history") or []
     if not history:
         return []
     save_history_figure(settings.out / HISTORY_NAME, history)

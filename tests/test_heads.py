@@ -198,7 +198,7 @@ def test_checkpoints_with_wrong_keys_or_shapes_are_named(tmp_path):
     tensors = random_head_tensors(384, 5, 27, seed=3)
     tensors["cluster2.2.weight"] = torch.randn(5, 100, 1, 1)
     write_stego_checkpoint(tmp_path / "bad.ckpt", tensors)
-    with pytest.raises(PipelineError, match=r"bad\.ckpt: head shapes do not fit together: cluster2\.2\.weight"):
+    with pytest.raises(PipelineError, match=r"bad\.ckpt: STEGO head shapes do not fit together: cluster2\.2\.weight"):
         read_stego_checkpoint(tmp_path / "bad.ckpt")
     torch.save({"net_model_state_dict": {}, "cluster_model_state_dict": {}}, tmp_path / "empty.pth")
     with pytest.raises(PipelineError, match=r"empty\.pth: not a HP checkpoint: missing keys \['cluster1\.0\.weight'"):
@@ -216,7 +216,7 @@ def test_import_head_checks_the_backbone_of_the_features(tmp_path, random_vits16
     other = tmp_path / "vitb16.h5"
     run_extract(ExtractSettings(dataset="camvid", root=str(camvid), split="val", backbone="dino_vitb16", out=other,
                                 resolution=64, max_images=2, random_init=True), progress=False)
-    with pytest.raises(PipelineError, match=r"features come from another backbone than head .*backbone \(head: dino_vits16"):
+    with pytest.raises(PipelineError, match=r"features do not match the ones head .*backbone \(head: dino_vits16"):
         run_import_head(ImportHeadSettings(tmp_path / "stego.ckpt", "stego", other, tmp_path / "other.pt"))
 
     write_hp_checkpoint(tmp_path / "tampered.pth", tensors)

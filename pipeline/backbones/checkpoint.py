@@ -9,6 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from pipeline.errors import PipelineError
+from pipeline.store.validate import check_tensors, tensor_state
 
 # Full training checkpoints nest the backbone under one of these; the released *_pretrain.pth files do not.
 WRAPPER_KEYS = ("teacher", "model", "state_dict")
@@ -38,14 +39,15 @@ def tensors_fingerprint(state: dict[str, Tensor]) -> str:
     return digest.hexdigest()
 
 
-def backbone_state_dict(checkpoint: dict) -> dict[str, Tensor]:
-    """The backbone's tensors of an official checkpoint, under the model's own key names."""
+def backbone_state_dict(path: str | Path, checkpoint: dict) -> dict[str, Tensor]:
+    """The backbone's tensors of an official checkpoint, under the model's own key names, each checked against
+    what the file holds (store/validate.py)."""
     for key in WRAPPER_KEYS:
         if isinstance(checkpoint.get(key), dict):
             checkpoint = checkpoint[key]
             break
     state = {}
-    for key, value in checkpoint.items():
+    for key, value in check_tensors(path, tensor_state(path, checkpoint, "state dict")).items():
         for prefix in STRIPPED_PREFIXES:
             key = key.removeprefix(prefix)
         if not key.startswith(HEAD_PREFIX):
@@ -91,4 +93,4 @@ def load_official_state_dict(model: nn.Module, path: str | Path) -> None:
     if not isinstance(checkpoint, dict):
         kind = type(checkpoint).__name__
         raise PipelineError(f"{path}: not a {model.name} checkpoint: holds a {kind}, not a state dict")
-    load_state_dict_strict(model, backbone_state_dict(checkpoint), path, model.name)
+    load_state_dict_strict(model, backbone_state_dict(path, checkpoint), path, model.name)

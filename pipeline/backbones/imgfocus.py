@@ -22,6 +22,7 @@ from torch import Tensor
 from pipeline.backbones.checkpoint import sha256_file
 from pipeline.errors import PipelineError
 from pipeline.store.checkpoints import save_torch_atomic
+from pipeline.store.validate import tensor_problem
 
 if TYPE_CHECKING:
     import onnx
@@ -160,11 +161,12 @@ def load_imgfocus_state_dict(onnx_path: Path) -> tuple[dict[str, Tensor], str]:
 
 
 def _read_cache(path: Path) -> dict[str, Tensor] | None:
-    """The cached state dict, or None when the file is not a readable dict of tensors."""
+    """The cached state dict, or None when the file is not a readable dict of sound tensors (store/validate.py)."""
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception:  # torch raises many types for a torn or foreign file; it is rebuilt either way
         return None
-    if not isinstance(state, dict) or not all(isinstance(value, Tensor) for value in state.values()):
+    if not isinstance(state, dict) or not all(isinstance(key, str) and isinstance(value, Tensor)
+                                              and tensor_problem(value) is None for key, value in state.items()):
         return None
     return state

@@ -15,6 +15,7 @@ from pipeline.backbones.checkpoint import load_official_state_dict, load_state_d
 from pipeline.backbones.dinov3 import POSITION_RULE, DINOv3Options, DINOv3ViT
 from pipeline.backbones.imgfocus import find_onnx, load_imgfocus_state_dict
 from pipeline.backbones.vit import ViT
+from pipeline.budget import FLOAT_BYTES
 from pipeline.errors import PipelineError
 
 IMGFOCUS = "dinov2_vits14_imgfocus"
@@ -26,6 +27,9 @@ SAT493M_MEAN = (0.430, 0.411, 0.296)
 SAT493M_STD = (0.213, 0.156, 0.143)
 
 Backbone = ViT | DINOv3ViT
+
+PREFIX_TOKENS = 5
+"""Most tokens a backbone adds to the patch grid (DINOv3's class token and four storage tokens)."""
 
 
 @dataclass(frozen=True)
@@ -67,6 +71,14 @@ class BackboneSpec:
     proposals: ProposalDefaults
     train_resolution: int | None = None
     dinov3: DINOv3Options | None = None
+
+    def encode_bytes(self, images: int, height: int, width: int) -> int:
+        """Estimated peak memory of encoding `images` crops of height × width without gradients
+        (pipeline/budget.py): the float pixels, a block's widest activations (qkv and the 4× MLP beside the
+        residual stream) and the attention weights of every head, which grow with the square of the tokens."""
+        tokens = (height // self.patch_size) * (width // self.patch_size) + PREFIX_TOKENS
+        per_image = 3 * height * width + 10 * tokens * self.embed_dim + 2 * self.num_heads * tokens ** 2
+        return FLOAT_BYTES * images * per_image
 
 
 def _dino(

@@ -14,6 +14,7 @@ from pipeline.data.labelled_folder import LabelledFolder
 from pipeline.data.potsdam import Potsdam3
 from pipeline.data.sample import SamplePhotos
 from pipeline.errors import PipelineError
+from pipeline.store.names import SEPARATOR, unsafe_reason
 
 _READERS: dict[str, type[SegmentationDataset]] = {
     "folder": ImageFolder,
@@ -45,7 +46,20 @@ def open_dataset(
     if unknown:
         valid = ", ".join(known) if known else "none"
         raise PipelineError(f"dataset '{name}' has no option {', '.join(unknown)} (valid options: {valid})")
+    problem = split_name_problem(split)
+    if problem is not None:
+        raise PipelineError(f"--split {split!r}: {problem}; a split is a name, not a path")
     return reader(root, split, max_images=max_images, **options)
+
+
+def split_name_problem(split: object) -> str | None:
+    """Why `split` cannot name a split, or None: the rule of image names (pipeline/store/names.py) for one
+    path component, since readers turn a split into a file name under the dataset root."""
+    if split is None:
+        return None
+    if isinstance(split, str) and SEPARATOR in split:
+        return f"contains '{SEPARATOR}'"
+    return unsafe_reason(split)
 
 
 def reader_options(name: str) -> tuple[str, ...]:

@@ -9,6 +9,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from pipeline.budget import FLOAT_BYTES
 from pipeline.em.config import EMConfig
 from pipeline.em.loss import mask_size_weights, upsampled_pseudo_label_loss
 from pipeline.em.prototypes import Prototypes, upsampled_argmax
@@ -27,6 +28,16 @@ def ema_update(momentum: Prototypes, running: Prototypes, decay: float) -> None:
     for slow, fast in zip(momentum.parameters(), running.parameters()):
         slow.mul_(decay).add_(fast, alpha=1 - decay)
 
+
+
+def step_bytes(batch: int, resolution: int, grid: int, feature_dim: int, classes: int) -> int:
+    """Estimated peak memory of one `PrimapsEM.step` (pipeline/budget.py): per image, the clean and student
+    tokens and their copies on the device, and at crop size the upsampled logits of θ_M and θ_R, the focal
+    loss's softmax and their gradients (about six K-channel maps) beside the mask maps and pseudo labels; the
+    next batch is read while this one trains, so its tokens and masks are held twice."""
+    tokens = 2 * 2 * grid * grid * feature_dim
+    pixels = resolution * resolution * (6 * classes + 4)
+    return FLOAT_BYTES * batch * (tokens + pixels)
 
 class PrimapsEM:
     """One PriMaPs-EM fit: running θ_R, momentum θ_M, the Adam optimiser and the step and EMA counters.

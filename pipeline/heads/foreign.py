@@ -25,9 +25,8 @@ from torch import Tensor
 
 from pipeline.backbones.checkpoint import tensors_fingerprint
 from pipeline.errors import PipelineError
-
-HEAD_KEYS = ("cluster1.0.weight", "cluster1.0.bias", "cluster2.0.weight", "cluster2.0.bias",
-             "cluster2.2.weight", "cluster2.2.bias")
+from pipeline.store.heads import HEAD_KEYS, check_head_tensors
+from pipeline.store.validate import check_tensors, tensor_state
 _ALLOWED_GLOBALS = {
     ("collections", "OrderedDict"): collections.OrderedDict,
     ("torch._utils", "_rebuild_tensor_v2"): torch._utils._rebuild_tensor_v2,
@@ -112,6 +111,7 @@ def read_stego_checkpoint(path: str | Path) -> ForeignHead:
     state = checkpoint.get("state_dict") if isinstance(checkpoint, dict) else None
     if not isinstance(state, dict):
         raise PipelineError(f"{path}: not a STEGO checkpoint (no 'state_dict' of tensors)")
+    state = tensor_state(path, check_tensors(path, state), "state_dict")
     return _foreign_head(path, "stego", state, "net.", "cluster_probe.clusters", "net.model.")
 
 
@@ -127,8 +127,10 @@ def read_hp_checkpoint(path: str | Path) -> ForeignHead:
     if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("net_model_state_dict"), dict) \
             or not isinstance(checkpoint.get("cluster_model_state_dict"), dict):
         raise PipelineError(f"{path}: not an HP checkpoint (needs 'net_model_state_dict' and 'cluster_model_state_dict')")
-    state = {**checkpoint["net_model_state_dict"],
-             **{f"probe.{key}": value for key, value in checkpoint["cluster_model_state_dict"].items()}}
+    check_tensors(path, checkpoint)
+    net = tensor_state(path, checkpoint["net_model_state_dict"], "net_model_state_dict")
+    probe = tensor_state(path, checkpoint["cluster_model_state_dict"], "cluster_model_state_dict")
+    state = {**net, **{f"probe.{key}": value for key, value in probe.items()}}
     return _foreign_head(path, "hp", state, "", "probe.clusters", "model.")
 
 
@@ -138,29 +140,14 @@ def _foreign_head(path: Path, kind: str, state: dict[str, Any], head_prefix: str
               ([clusters_key] if clusters_key not in state else [])
     if missing:
         raise PipelineError(f"{path}: not a {kind.upper()} checkpoint: missing keys {missing[:4]}")
-    head = {key: state[head_prefix + key] for key in HEAD_KEYS}
-    if not all(isinstance(value, Tensor) for value in (*head.values(), state[clusters_key])):
-        raise PipelineError(f"{path}: {kind.upper()} head entries are not tensors")
+    head = check_head_tensors(path, {key: state[head_prefix + key] for key in HEAD_KEYS}, state[clusters_key],
+                              f"{kind.upper()} head")
     head = {key: value.to(torch.float32) for key, value in head.items()}
     clusters = state[clusters_key].to(torch.float32)
-    _check_shapes(path, head, clusters)
     backbone_state = {key.removeprefix(backbone_prefix): value for key, value in state.items()
                       if key.startswith(backbone_prefix) and isinstance(value, Tensor)}
     return ForeignHead(kind, head, clusters, _backbone_name(path, backbone_state),
                        tensors_fingerprint(backbone_state))
-
-
-def _check_shapes(path: Path, head: dict[str, Tensor], clusters: Tensor) -> None:
-    code, feature = head["cluster1.0.weight"].shape[:2]
-    expected = {"cluster1.0.weight": (code, feature, 1, 1), "cluster1.0.bias": (code,),
-                "cluster2.0.weight": (feature, feature, 1, 1), "cluster2.0.bias": (feature,),
-                "cluster2.2.weight": (code, feature, 1, 1), "cluster2.2.bias": (code,)}
-    wrong = [f"{key} {tuple(head[key].shape)} != {shape}" for key, shape in expected.items()
-             if tuple(head[key].shape) != shape]
-    if clusters.ndim != 2 or clusters.shape[1] != code:
-        wrong.append(f"clusters {tuple(clusters.shape)} != (K, {code})")
-    if wrong:
-        raise PipelineError(f"{path}: head shapes do not fit together: {'; '.join(wrong[:3])}")
 
 
 def _backbone_name(path: Path, backbone: dict[str, Tensor]) -> str:

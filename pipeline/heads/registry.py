@@ -9,7 +9,8 @@ from typing import Callable
 from torch import Tensor
 
 from pipeline.errors import PipelineError
-from pipeline.heads.foreign import HEAD_KEYS, ForeignHead, read_hp_checkpoint, read_stego_checkpoint
+from pipeline.heads.foreign import ForeignHead, read_hp_checkpoint, read_stego_checkpoint
+from pipeline.store.heads import HEAD_KEYS
 from pipeline.heads.stego import SegmentationHead
 
 

@@ -9,6 +9,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from pipeline.budget import FLOAT_BYTES
 from pipeline.em.initialisation import pca_directions, spherical_kmeans
 from pipeline.heads.registry import build_head
 from pipeline.heads.stego import ClusterProbe, SegmentationHead
@@ -76,6 +77,20 @@ class HeadTrainer:
         self.probe_optimizer.load_state_dict(state["probe_optimizer"])
         self.generator.set_state(state["generator"])
         torch.set_rng_state(state["torch_rng"])
+
+
+def step_bytes(batch: int, grid: tuple[int, int], feature_dim: int, code_dim: int,
+               correlation: CorrelationConfig) -> int:
+    """Estimated peak memory of one `HeadTrainer.step` on `batch` images of a grid h × w (pipeline/budget.py):
+    for the images and their partners, the tokens, their dropout copies, the hidden layer and the code with
+    gradients; every correlation term's S⁴ point pairs per image (features' and code's similarity, the clamp,
+    the product and its gradient), the self and neighbour terms and one per negative round; and the weights
+    with their gradients and Adam's two moments."""
+    pixels = batch * grid[0] * grid[1]
+    maps = 2 * pixels * (6 * feature_dim + 4 * code_dim)
+    pairs = 5 * batch * correlation.feature_samples ** 4 * (2 + correlation.neg_samples)
+    weights = 4 * (2 * feature_dim * code_dim + feature_dim ** 2)
+    return FLOAT_BYTES * (maps + pairs + weights)
 
 
 def kmeans_probe(head_state: dict[str, Tensor], tokens: np.ndarray, clusters: int, seed: int) -> Tensor:

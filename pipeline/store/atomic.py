@@ -2,7 +2,8 @@
 
 A file is published (renamed to its final name) only after every byte was written and flushed to the disk;
 any I/O error on the way (a full disk, a file-size limit, a read-only directory) leaves the previous file, if
-any, untouched and becomes one PipelineError naming the file and the OS error.
+any, untouched and becomes one PipelineError naming the file and the OS error. A temporary left by a writer
+that was killed (kill -9, power loss) is removed by the next write of the same file.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import socket
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
@@ -17,9 +19,40 @@ from typing import Any, Iterator
 from pipeline.errors import PipelineError
 
 
+_HOST = "".join(character if character.isalnum() or character in "-_" else "_" for character in socket.gethostname())
+"""This machine's name as it appears in temporary names (outputs may sit on a file system several machines share)."""
+
+
 def temporary_sibling(path: Path, tag: str = "tmp") -> Path:
-    """A hidden name next to `path` (same file system, so `os.replace` is atomic), unique per process."""
-    return path.with_name(f".{path.name}.{tag}-{os.getpid()}")
+    """A hidden name next to `path` (same file system, so `os.replace` is atomic), unique per process and machine."""
+    return path.with_name(f".{path.name}.{tag}-{_HOST}-{os.getpid()}")
+
+
+def remove_stale_temporaries(path: Path, tag: str = "tmp") -> None:
+    """Delete what writers of `path` on this machine left behind when they were killed mid-write: temporaries
+    whose process no longer runs. A live writer's temporary, or another machine's, is left alone."""
+    prefix = f".{path.name}.{tag}-{_HOST}-"
+    try:
+        candidates = [entry for entry in path.parent.iterdir() if entry.name.startswith(prefix)]
+    except OSError:
+        return
+    for entry in candidates:
+        pid = entry.name[len(prefix):]
+        if pid.isdigit() and int(pid) != os.getpid() and not _process_runs(int(pid)):
+            try:
+                entry.unlink()
+            except OSError:
+                pass
+
+
+def _process_runs(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def describe_os_error(error: OSError) -> str:
@@ -51,6 +84,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     temporary = temporary_sibling(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale_temporaries(path)
         yield temporary
         if not temporary.is_file():
             raise OSError(errno.ENOENT, "the writer produced no file")

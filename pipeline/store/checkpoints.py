@@ -14,6 +14,7 @@ import torch
 
 from pipeline.errors import PipelineError
 from pipeline.store.atomic import atomic_path
+from pipeline.store.validate import check_tensors
 
 FORMAT_VERSION = 1
 # The feature-provenance keys that must agree between a model and the features it is applied to.
@@ -43,7 +44,8 @@ def save_checkpoint(path: str | Path, checkpoint: dict[str, Any]) -> None:
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Read a checkpoint written by `save_checkpoint`, with a one-line error for anything else."""
+    """Read a checkpoint written by `save_checkpoint`, every tensor checked against what the file holds
+    (store/validate.py), with a one-line error for anything else."""
     path = Path(path)
     if not path.exists():
         raise PipelineError(f"{path}: model checkpoint not found")
@@ -53,12 +55,17 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         raise PipelineError(f"{path}: not a readable primaps-pipeline checkpoint ({error.__class__.__name__})") from None
     if not isinstance(checkpoint, dict) or checkpoint.get("format_version") != FORMAT_VERSION:
         raise PipelineError(f"{path}: not a primaps-pipeline checkpoint (format {FORMAT_VERSION})")
-    return checkpoint
+    return check_tensors(path, checkpoint)
 
 
 def require_matching_features(model_path: str | Path, checkpoint: dict[str, Any], features_path: str | Path,
-                              features_provenance: dict[str, Any]) -> None:
-    """Refuse to apply a model to features made by another backbone, weights file or resolution."""
+                              features_provenance: dict[str, Any], feature_dim: int) -> None:
+    """Refuse to apply a model to features made by another backbone, weights file or resolution, or of
+    another token dimension than its input (its head's, or its prototypes')."""
+    head = checkpoint.get("head")
+    wanted = (head["state"]["cluster1.0.weight"] if head else checkpoint["momentum"]["direction"]).shape[1]
+    if int(wanted) != feature_dim:
+        raise PipelineError(f"{features_path}: {feature_dim}-dimensional tokens, but model {model_path} takes {wanted}")
     fitted = checkpoint["features_provenance"]
     changed = [f"{key} (model: {fitted.get(key)}, features: {features_provenance.get(key)})"
                for key in FEATURE_KEYS if fitted.get(key) != features_provenance.get(key)]

@@ -19,8 +19,10 @@ import torch
 
 from pipeline import __version__
 from pipeline.errors import PipelineError
-from pipeline.store.checkpoints import load_checkpoint
+from pipeline.store.checkpoints import FEATURE_KEYS, load_checkpoint
+from pipeline.store.heads import check_head_record
 from pipeline.store.provenance import differences
+from pipeline.store.validate import require_fields, require_matrix
 
 MODEL_KIND = "primaps-em"
 BASELINE_KIND = "baseline"
@@ -66,6 +68,45 @@ def model_record(*, recipe: dict[str, Any], recipe_name: str, config: dict[str, 
             "momentum": {key: value.cpu() for key, value in state["momentum"].items()},
             "running": {key: value.cpu() for key, value in state["running"].items()},
             "em": state, "history": history, "head": head}
+
+
+MODEL_KINDS = (MODEL_KIND, BASELINE_KIND, PROBE_KIND)
+"""The kinds a model file (what evaluate, predict, inspect and report apply) can be."""
+
+
+def load_model(path: str | Path) -> dict[str, Any]:
+    """A finished model file (PriMaPs-EM model, Baseline or cluster probe) with its layout checked: the
+    prototypes θ_M and θ_R (K×D directions, K gains), their start, the feature provenance every reader
+    compares against, and the embedded head, if any, whose code is what the prototypes see."""
+    record = load_checkpoint(path)
+    if record.get("kind") not in MODEL_KINDS:
+        raise PipelineError(f"{path}: not a model file (kind {record.get('kind')!r}); make one with `fit`")
+    if not record.get("complete"):
+        raise PipelineError(f"{path}: the fit did not finish; rerun `fit` to resume it")
+    what = "model file"
+    require_fields(path, record, {"features_provenance": dict, "momentum": dict, "running": dict,
+                                  "init": torch.Tensor}, what)
+    lacking = [key for key in FEATURE_KEYS if key not in record["features_provenance"]]
+    if lacking:
+        raise PipelineError(f"{path}: {what} lacks the provenance of its features ({', '.join(lacking)}); "
+                            "rerun `fit` to make it again")
+    require_matrix(path, record["init"], "initial prototypes")
+    classes, dim = record["init"].shape
+    for name in ("momentum", "running"):
+        require_fields(path, record[name], {"direction": torch.Tensor, "gain": torch.Tensor}, f"{what} {name}")
+        require_matrix(path, record[name]["direction"], f"{name} prototypes", classes, dim)
+        if tuple(record[name]["gain"].shape) != (classes,):
+            raise PipelineError(f"{path}: {name} gains of shape {tuple(record[name]['gain'].shape)} do not fit "
+                                f"{classes} prototypes")
+    if record["kind"] == MODEL_KIND:
+        require_fields(path, record, {"provenance": dict}, what)
+    if record.get("head") is not None or record["kind"] == PROBE_KIND:
+        require_fields(path, record, {"head": dict}, what)
+        check_head_record(path, record["head"], "embedded head")
+        code_dim = int(record["head"]["state"]["cluster1.0.weight"].shape[0])
+        if code_dim != dim:
+            raise PipelineError(f"{path}: prototypes of {dim} dims behind a head whose code has {code_dim}")
+    return record
 
 
 def fitted_config(path: Path, record: dict[str, Any]) -> dict[str, Any] | None:
