@@ -32,7 +32,7 @@ from stages.fit import FitSettings, history_path, run_fit
 from stages.head import TrainHeadSettings, neighbours_path, run_train_head
 from stages.predict import MAX_TOKENS, model_input_size
 from stages.propose import ProposeSettings, run_propose
-from tests.test_faults import cli_refuses, one_error_line
+from tests.test_faults import cli_refuses, model, one_error_line  # noqa: F401 (model: a fixture)
 from tests.test_heads import random_head_tensors, write_hp_checkpoint, write_stego_checkpoint
 
 REPOSITORY = Path(__file__).resolve().parents[1]
@@ -79,14 +79,6 @@ def head(camvid_features, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("head") / "head.pt"
     run_train_head(TrainHeadSettings(features=camvid_features, out=out, clusters=11, code_dim=8, epochs=1,
                                      batch_size=4, neighbours=3, feature_samples=5, neg_samples=2), progress=False)
-    return out
-
-
-@pytest.fixture(scope="module")
-def model(camvid_features, camvid_masks, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("model") / "model.pt"
-    run_fit(FitSettings(features=camvid_features, masks=camvid_masks, classes=11, out=out, epochs=1,
-                        overrides={"batch_size": 4, "init_samples": 2000, "kmeans_iterations": 5}), progress=False)
     return out
 
 

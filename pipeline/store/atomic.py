@@ -28,16 +28,25 @@ def temporary_sibling(path: Path, tag: str = "tmp") -> Path:
     return path.with_name(f".{path.name}.{tag}-{_HOST}-{os.getpid()}")
 
 
-def remove_stale_temporaries(path: Path, tag: str = "tmp") -> None:
-    """Delete what writers of `path` on this machine left behind when they were killed mid-write: temporaries
-    whose process no longer runs. A live writer's temporary, or another machine's, is left alone."""
-    prefix = f".{path.name}.{tag}-{_HOST}-"
+_SWEPT: set[Path] = set()
+"""Directories this process already swept: a directory is scanned once per process, not once per write (a mask
+directory takes one write per image)."""
+
+
+def remove_stale_temporaries(directory: Path, tag: str = "tmp") -> None:
+    """Delete, once per process, what writers in `directory` on this machine left behind when they were killed
+    mid-write: temporaries whose process no longer runs. A live writer's temporary, or another machine's, is
+    left alone."""
+    if directory in _SWEPT:
+        return
+    _SWEPT.add(directory)
+    marker = f".{tag}-{_HOST}-"
     try:
-        candidates = [entry for entry in path.parent.iterdir() if entry.name.startswith(prefix)]
+        candidates = [entry for entry in directory.iterdir() if entry.name.startswith(".") and marker in entry.name]
     except OSError:
         return
     for entry in candidates:
-        pid = entry.name[len(prefix):]
+        pid = entry.name.rsplit(marker, 1)[1]
         if pid.isdigit() and int(pid) != os.getpid() and not _process_runs(int(pid)):
             try:
                 entry.unlink()
@@ -84,7 +93,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     temporary = temporary_sibling(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        remove_stale_temporaries(path)
+        remove_stale_temporaries(path.parent)
         yield temporary
         if not temporary.is_file():
             raise OSError(errno.ENOENT, "the writer produced no file")
