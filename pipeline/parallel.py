@@ -16,6 +16,7 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 import joblib
 
 from pipeline.errors import PipelineError
+from pipeline.threads import local_workers
 
 BACKENDS = ("loky", "threading", "dask")
 
@@ -45,7 +46,8 @@ def _pool_failures() -> tuple[type[BaseException], ...]:
 
 @contextmanager
 def dask_client(scheduler: str | None, workers: int) -> Iterator[Any]:
-    """Connect to `scheduler`, or start a local cluster of `workers` single-threaded processes."""
+    """Connect to `scheduler`, or start a local cluster of `workers` single-threaded processes (at most one per core
+    owned)."""
     try:
         from distributed import Client, LocalCluster
     except ImportError:
@@ -58,7 +60,7 @@ def dask_client(scheduler: str | None, workers: int) -> Iterator[Any]:
         with client:
             yield client
         return
-    with LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
+    with LocalCluster(n_workers=local_workers(workers), threads_per_worker=1, processes=True,
                       dashboard_address=None) as cluster, Client(cluster) as client:
         yield client
 
@@ -74,7 +76,7 @@ def parallel_unordered(
     """Yield `function(*arguments)` for every tuple, in completion order.
 
     `timeout` bounds each task on the process backends (joblib raises TimeoutError instead of hanging).
-    With one worker and the loky backend the tasks run in this process (no pool, so no pool timeout),
+    A local pool starts at most one worker per core owned (pipeline/threads.py). With one worker and the loky backend the tasks run in this process (no pool, so no pool timeout),
     which keeps debugging simple. A failure of the pool itself ends the iteration with PoolFailure.
     """
     if backend not in BACKENDS:
@@ -91,8 +93,8 @@ def parallel_unordered(
                 runner = joblib.Parallel(return_as="generator_unordered", timeout=timeout)
             else:
                 in_process = workers == 1 and backend == "loky"
-                runner = joblib.Parallel(n_jobs=workers, backend=backend, return_as="generator_unordered",
-                                         timeout=None if in_process else timeout)
+                runner = joblib.Parallel(n_jobs=local_workers(workers), backend=backend,
+                                         return_as="generator_unordered", timeout=None if in_process else timeout)
             yield from runner(joblib.delayed(function)(*arguments) for arguments in argument_lists)
     except _pool_failures() as error:
         timed_out = isinstance(error, _TIMEOUTS)

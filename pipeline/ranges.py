@@ -47,15 +47,17 @@ _SHARE = Range(0, 1)
 
 RANGES: dict[str, dict[str, Range]] = {
     "extract": {"resolution": _COUNT, "views": Range(0), "batch_size": _COUNT, "seed": _SEED, "max_images": _COUNT,
-                "ignore_value": Range(0, 255)},
+                "ignore_value": Range(0, 255), "threads": _COUNT},
     "propose": {"psi": Range(0, 1, low_open=True), "stop_fraction": Range(0, 1, low_open=True),
                 "crf_iterations": Range(0), "workers": _COUNT, "timeout": Range(0, low_open=True)},
-    "fit": {"classes": Range(2), "epochs": _COUNT, "seed": _SEED},
+    "fit": {"classes": Range(2), "epochs": _COUNT, "seed": _SEED, "threads": _COUNT},
     "head": {"clusters": Range(2), "code_dim": _COUNT, "epochs": _COUNT, "batch_size": Range(2),
              "learning_rate": Range(0, low_open=True), "probe_learning_rate": Range(0, low_open=True),
              "neighbours": _COUNT, "feature_samples": _COUNT, "neg_samples": Range(0), "seed": _SEED,
-             "pos_intra_weight": Range(0), "pos_inter_weight": Range(0), "neg_inter_weight": Range(0)},
+             "pos_intra_weight": Range(0), "pos_inter_weight": Range(0), "neg_inter_weight": Range(0),
+             "threads": _COUNT},
     "evaluate": {"workers": _COUNT},
+    "predict": {"threads": _COUNT},
     "inspect": {"sample": _COUNT, "seed": _SEED},
     "report": {"sample": _COUNT, "seed": _SEED},
 }

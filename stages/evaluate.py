@@ -30,6 +30,7 @@ from pipeline.store.checkpoints import require_matching_features
 from pipeline.store.models import load_model
 from pipeline.store.features import FeatureFile, shared_feature_file
 from pipeline.store.image_lists import read_image_list, select_indices
+from pipeline.threads import thread_budget
 from pipeline.viz import save_cluster_share_figure, save_confusion_figure
 
 # Where the figures go inside the output directory; `report` copies them from there.
@@ -68,6 +69,11 @@ def run_evaluate(settings: EvaluateSettings, progress: bool = True) -> dict[str,
     An unlabelled split gets no accuracy, only how the pixels spread over the clusters (which still
     shows a collapsed fit), so a pipeline over plain photos runs end to end.
     """
+    with thread_budget(None):
+        return _evaluate(settings, progress)
+
+
+def _evaluate(settings: EvaluateSettings, progress: bool) -> dict[str, Any]:
     started = time.perf_counter()
     models = model_rows(settings)
     with FeatureFile(settings.features) as features:

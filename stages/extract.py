@@ -31,6 +31,7 @@ from pipeline.data import (
 )
 from pipeline.budget import FLOAT_BYTES, require_within_budget
 from pipeline.device import resolve_device
+from pipeline.threads import thread_budget
 from pipeline.errors import PipelineError
 from pipeline.progress import progress_bar
 from pipeline.ranges import check_ranges
@@ -58,6 +59,8 @@ class ExtractSettings:
     flip_average: bool = False
     batch_size: int = 8
     device: str = "auto"
+    threads: int | None = None
+    """CPU threads of torch and BLAS (None: $PRIMAPS_THREADS, else the cores owned; pipeline/threads.py)."""
     seed: int = 0
     max_images: int | None = None
     skip_bad: bool = False
@@ -101,6 +104,11 @@ class _Batch:
 
 def run_extract(settings: ExtractSettings, progress: bool = True) -> ExtractSummary:
     """Extract (or resume extracting) the features of one dataset split into `settings.out`."""
+    with thread_budget(settings.threads):
+        return _extract(settings, progress)
+
+
+def _extract(settings: ExtractSettings, progress: bool) -> ExtractSummary:
     started = time.perf_counter()
     spec = get_spec(settings.backbone)
     resolution = settings.resolution or spec.default_resolution

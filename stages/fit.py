@@ -32,6 +32,7 @@ from pipeline.heads.stego import SegmentationHead
 from pipeline.progress import progress_bar
 from pipeline.ranges import check_ranges
 from pipeline.segmenter import code_of
+from pipeline.threads import thread_budget
 from pipeline.store import masks as mask_store
 from pipeline.store.atomic import write_json_atomic
 from pipeline.store.checkpoints import load_checkpoint, save_checkpoint
@@ -70,6 +71,8 @@ class FitSettings:
     recipe: str | None = None
     overrides: Mapping[str, Any] = field(default_factory=dict)
     device: str = "auto"
+    threads: int | None = None
+    """CPU threads of torch and BLAS (None: $PRIMAPS_THREADS, else the cores owned; pipeline/threads.py)."""
     seed: int = 0
     overwrite: bool = False
 
@@ -151,6 +154,11 @@ def run_fit(settings: FitSettings, progress: bool = True, stop_after_epochs: int
 
     `stop_after_epochs` ends the run early leaving a resumable partial checkpoint (used to test resuming).
     """
+    with thread_budget(settings.threads):
+        return _fit(settings, progress, stop_after_epochs)
+
+
+def _fit(settings: FitSettings, progress: bool, stop_after_epochs: int | None) -> FitSummary:
     started = time.perf_counter()
     with FeatureFile(settings.features) as features:
         masks_provenance = mask_store.require_made_from(settings.masks, features.path, features.provenance)

@@ -25,6 +25,7 @@ from pipeline.backbones.checkpoint import sha256_file
 from pipeline.backbones.registry import get_spec
 from pipeline.budget import require_within_budget
 from pipeline.device import resolve_device
+from pipeline.threads import thread_budget
 from pipeline.errors import PipelineError
 from pipeline.heads.neighbours import global_descriptor, nearest_images
 from pipeline.heads.registry import get_head_spec
@@ -75,6 +76,8 @@ class TrainHeadSettings:
     probe_learning_rate: float = 5e-3
     seed: int = 0
     device: str = "auto"
+    threads: int | None = None
+    """CPU threads of torch and BLAS (None: $PRIMAPS_THREADS, else the cores owned; pipeline/threads.py)."""
     overwrite: bool = False
 
     def __post_init__(self) -> None:
@@ -84,7 +87,7 @@ class TrainHeadSettings:
 
     def recipe(self, center: str) -> dict[str, Any]:
         recipe = asdict(self)
-        for key in ("features", "out", "neighbours_out", "device", "overwrite"):
+        for key in ("features", "out", "neighbours_out", "device", "threads", "overwrite"):
             recipe.pop(key)
         return {**recipe, "center": center}
 
@@ -123,6 +126,11 @@ def neighbours_path(settings: TrainHeadSettings) -> Path:
 def run_train_head(settings: TrainHeadSettings, progress: bool = True,
                    stop_after_epochs: int | None = None) -> HeadSummary:
     """Train (or resume training) a STEGO head and cluster probe on a training feature file."""
+    with thread_budget(settings.threads):
+        return _train_head(settings, progress, stop_after_epochs)
+
+
+def _train_head(settings: TrainHeadSettings, progress: bool, stop_after_epochs: int | None) -> HeadSummary:
     started = time.perf_counter()
     with FeatureFile(settings.features) as features:
         center_rule = settings.center or get_spec(features.provenance["backbone"]).proposals.center

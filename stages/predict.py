@@ -30,6 +30,7 @@ from pipeline.data.base import image_size, read_rgb_image
 from pipeline.device import resolve_device
 from pipeline.errors import PipelineError
 from pipeline.progress import progress_bar
+from pipeline.threads import thread_budget
 from pipeline.segmenter import Segmenter, load_segmenter
 from pipeline.store.atomic import write_json_atomic
 from pipeline.store.models import load_model
@@ -54,6 +55,8 @@ class PredictSettings:
     crf_params: CRFParams = CRFParams()
     device: str = "auto"
     weights: str | None = None
+    threads: int | None = None
+    """CPU threads of torch and BLAS (None: $PRIMAPS_THREADS, else the cores owned; pipeline/threads.py)."""
 
 
 @dataclass
@@ -98,6 +101,11 @@ def segment(image: np.ndarray, backbone: Backbone, model: Segmenter, resolution:
 
 def run_predict(settings: PredictSettings, progress: bool = True) -> PredictSummary:
     """Segment every image of `settings.images` into `DIR/<stem>.png` and `DIR/<stem>_overlay.png`."""
+    with thread_budget(settings.threads):
+        return _predict(settings, progress)
+
+
+def _predict(settings: PredictSettings, progress: bool) -> PredictSummary:
     started = time.perf_counter()
     stems = _check_images(settings.images)
     checkpoint = load_model(settings.model)
