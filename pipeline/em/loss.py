@@ -78,11 +78,11 @@ class _UpsampledPseudoLabelLoss(torch.autograd.Function):
 
     Under autograd the whole-batch version makes about ten passes per step over B×K×H×W float32 tensors (≈ 280 MB
     for 32 crops of 322² and K = 21), its softmax and the upsampling's backward running across strided NCHW
-    channels. Here the crop-size logits of a few images are built channels-last, used and dropped: one pass sums
-    the softmax for the (detached) focal weights, a second takes the loss and its gradient w.r.t. the crop-size
-    logits, (w_y / N)·(softmax − onehot(y)) for a labelled pixel, which the bilinear upsampling's own backward
-    carries to the token logits. One softmax per pixel and pass serves the loss (−log p_y) and the gradient; the
-    gradient is formed in forward, as the loss is a scalar.
+    channels. Here the crop-size logits of a few images are built channels-last and their softmax kept (one
+    B×H×W×K map for the batch, the logits themselves dropped): the first pass sums it for the (detached) focal
+    weights, the second takes the loss (−log p_y) and its gradient w.r.t. the crop-size logits, (w_y / N)·(softmax
+    − onehot(y)) for a labelled pixel, in place, and carries it to the token logits with the bilinear upsampling's
+    own backward kernel. The gradient is formed in forward, as the loss is a scalar.
     """
 
     @staticmethod
@@ -91,36 +91,35 @@ class _UpsampledPseudoLabelLoss(torch.autograd.Function):
         starts, per_chunk = image_chunks(logits, size)
         pixels = pseudo.numel()
         probability_sum = torch.zeros(logits.shape[1], dtype=torch.float64, device=logits.device)
+        softmaxes = []
         for start in starts:
-            resized = upsampled_channels_last(logits[start:start + per_chunk], size)
-            probability_sum += _class_softmax(resized).sum(dim=(0, 1, 2))
+            softmaxes.append(_class_softmax(upsampled_channels_last(logits[start:start + per_chunk], size)))
+            probability_sum += softmaxes[-1].sum(dim=(0, 1, 2))
         weights = ((1 - probability_sum / pixels) ** gamma).to(logits.dtype)
 
         loss = torch.zeros((), dtype=torch.float64, device=logits.device)
         gradient = torch.empty_like(logits)
-        for start in starts:
+        for position, start in enumerate(starts):
             stop = start + per_chunk
-            chunk = logits[start:stop].detach().requires_grad_(True)
-            with torch.enable_grad():
-                resized = upsampled_channels_last(chunk, size)
+            probabilities, softmaxes[position] = softmaxes[position], None
             labels = pseudo[start:stop].long()
             labelled = labels != IGNORE
             target = torch.where(labelled, labels, 0).unsqueeze(-1)
             scale = weights[target.squeeze(-1)] * labelled
             if pixel_scale is not None:
                 scale = scale * pixel_scale[start:stop]
-            probabilities = _class_softmax(resized.detach())
             target_probability = probabilities.gather(-1, target).squeeze(-1)
             negative_log_likelihood = -target_probability.log()
             underflow = target_probability < _SMALLEST_EXACT_PROBABILITY
             if underflow.any():
-                exact = resized.detach()[underflow]
+                exact = upsampled_channels_last(logits[start:stop], size)[underflow]
                 negative_log_likelihood[underflow] = (torch.logsumexp(exact, dim=-1)
                                                       - exact.gather(-1, target[underflow]).squeeze(-1))
             loss += (scale * negative_log_likelihood).sum(dtype=torch.float64)
             pixel_gradient = probabilities.mul_(scale.unsqueeze(-1))
             pixel_gradient.scatter_add_(-1, target, -scale.unsqueeze(-1)).div_(pixels)
-            (gradient[start:stop],) = torch.autograd.grad(resized, chunk, pixel_gradient)
+            gradient[start:stop] = torch.ops.aten.upsample_bilinear2d_backward(
+                pixel_gradient.permute(0, 3, 1, 2), list(size), list(logits[start:stop].shape), False)
         ctx.save_for_backward(gradient)
         return (loss / pixels).to(logits.dtype)
 
