@@ -76,8 +76,8 @@ def parallel_unordered(
     """Yield `function(*arguments)` for every tuple, in completion order.
 
     `timeout` bounds each task on the process backends (joblib raises TimeoutError instead of hanging).
-    A local pool starts at most one worker per core owned (pipeline/threads.py). With one worker and the loky backend the tasks run in this process (no pool, so no pool timeout),
-    which keeps debugging simple. A failure of the pool itself ends the iteration with PoolFailure.
+    A local pool starts at most one worker per core owned (pipeline/threads.py). With one worker and the loky
+    backend the tasks run in this process (no pool, so no pool timeout), which keeps debugging simple. A failure of the pool itself ends the iteration with PoolFailure.
     """
     if backend not in BACKENDS:
         raise PipelineError(f"unknown backend {backend!r}: choose one of {', '.join(BACKENDS)}")

@@ -31,12 +31,12 @@ from pipeline.data import (
 )
 from pipeline.budget import FLOAT_BYTES, require_within_budget
 from pipeline.device import resolve_device
-from pipeline.threads import thread_budget
 from pipeline.errors import PipelineError
 from pipeline.progress import progress_bar
 from pipeline.ranges import check_ranges
 from pipeline.store.features import FeatureFileWriter, FeatureLayout
 from pipeline.store.provenance import fingerprint
+from pipeline.threads import thread_budget
 
 
 @dataclass(frozen=True)

@@ -32,7 +32,6 @@ from pipeline.heads.stego import SegmentationHead
 from pipeline.progress import progress_bar
 from pipeline.ranges import check_ranges
 from pipeline.segmenter import code_of
-from pipeline.threads import thread_budget
 from pipeline.store import masks as mask_store
 from pipeline.store.atomic import write_json_atomic
 from pipeline.store.checkpoints import load_checkpoint, save_checkpoint
@@ -43,6 +42,7 @@ from pipeline.store.models import (
     BASELINE_KIND, baseline_provenance, baseline_record, cluster_probe_record, model_record, resume_or_refuse,
 )
 from pipeline.store.provenance import differences, fingerprint
+from pipeline.threads import thread_budget
 from pipeline.tokens import sample_tokens
 from pipeline.viz import save_history_figure
 

@@ -25,7 +25,6 @@ from pipeline.backbones.checkpoint import sha256_file
 from pipeline.backbones.registry import get_spec
 from pipeline.budget import require_within_budget
 from pipeline.device import resolve_device
-from pipeline.threads import thread_budget
 from pipeline.errors import PipelineError
 from pipeline.heads.neighbours import global_descriptor, nearest_images
 from pipeline.heads.registry import get_head_spec
@@ -38,6 +37,7 @@ from pipeline.store.features import FeatureFile
 from pipeline.store.heads import imported_head_record, require_head_matches_features, trained_head_record
 from pipeline.store.knn import read_neighbours, write_neighbours
 from pipeline.store.models import resume_or_refuse
+from pipeline.threads import thread_budget
 from pipeline.tokens import dataset_mean_token, sample_tokens
 
 PROBE_SAMPLES = 200_000

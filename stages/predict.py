@@ -30,11 +30,11 @@ from pipeline.data.base import image_size, read_rgb_image
 from pipeline.device import resolve_device
 from pipeline.errors import PipelineError
 from pipeline.progress import progress_bar
-from pipeline.threads import thread_budget
 from pipeline.segmenter import Segmenter, load_segmenter
 from pipeline.store.atomic import write_json_atomic
 from pipeline.store.models import load_model
 from pipeline.store.names import name_path, unsafe_reason
+from pipeline.threads import thread_budget
 from pipeline.viz import overlay, palette, save_png
 
 
